@@ -1,0 +1,443 @@
+"""The mapping that replaces a module's ``_parameters`` and ``_buffers``.
+
+Reading ``module.weight`` onloads; assigning ``module.weight = p`` offloads. The state of
+one offloaded module lives in a :class:`ModuleOffload`; the two mappings are thin views
+of it. Stores, blobs and entries:
+
+* an :class:`OffloadStore` groups the modules offloaded together (one model); it owns
+  the tier objects and, while a model is being offloaded, the table that lets two
+  modules that share a tensor share its offloaded bytes;
+* a :class:`Blob` is one flattened storage: a byte range of a tier segment. Tensors
+  that view one storage share one blob (see [Note: tensor layouts]);
+* an :class:`Entry` is one parameter or buffer: a layout plus the blobs it views.
+
+[Note: onload scopes]
+A read looks, in order, for (1) ``disable_onloading`` active for this module: return the
+tensor at rest; (2) a ``disable_offloading`` scope covering this module: return the
+copy the scope holds, onloading it once; (3) the forward frame: inside the module's
+forward every tensor was onloaded together and is returned from there; (4) otherwise
+onload this one tensor, and hand it to the caller without keeping it.
+
+Both scopes live in :mod:`contextvars` variables: they apply to the thread (or asyncio
+task) that entered them, never to other threads, and may be limited to one model. They
+nest: the outermost ``disable_offloading`` scope that covers a module holds its tensors,
+so leaving an inner scope releases nothing the outer one still needs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
+
+import torch
+
+from offload_dist.policy import OffloadPolicy, Tier
+from offload_dist.tensors import FlatState, TensorLayout, copy_into, flatten_tensors, restore_tensor
+from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Segment, TierStore
+
+__all__ = ["Blob", "Entry", "OffloadStore", "ModuleOffload", "OffloadCache", "KeepScope", "OnloadOffScope",
+           "OffloadError"]
+
+
+class OffloadError(RuntimeError):
+    """Offloading or onloading failed; the message names the module and tensor."""
+
+
+class Blob:
+    """One flattened storage at rest: ``nbytes`` bytes at ``offset`` of ``segment``.
+
+    Shared by every entry that views the storage; an update that cannot be written in
+    place repoints ``segment``/``offset`` for all of them at once.
+    """
+
+    __slots__ = ("segment", "offset", "nbytes", "__weakref__")
+
+    def __init__(self, segment: Segment, offset: int, nbytes: int):
+        self.segment = segment
+        self.offset = offset
+        self.nbytes = nbytes
+
+
+@dataclass(eq=False)
+class Entry:
+    """One parameter or buffer of an offloaded module."""
+
+    layout: TensorLayout
+    blobs: tuple[Blob, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blobs)
+
+
+@dataclass(eq=False)
+class KeepScope:
+    """A ``disable_offloading`` scope: holds onloaded tensors until it exits."""
+
+    targets: frozenset[int] | None  # ids of ModuleOffload states covered; None = all
+    tensors: dict[Entry, torch.Tensor] = field(default_factory=dict)
+    blobs: dict[Blob, torch.Tensor] = field(default_factory=dict)
+
+    def covers(self, state: ModuleOffload) -> bool:
+        return self.targets is None or id(state) in self.targets
+
+
+@dataclass(eq=False)
+class OnloadOffScope:
+    """A ``disable_onloading`` scope."""
+
+    targets: frozenset[int] | None
+
+    def covers(self, state: ModuleOffload) -> bool:
+        return self.targets is None or id(state) in self.targets
+
+
+# See [Note: onload scopes]. Values are immutable tuples; each thread sees its own.
+_KEEP: contextvars.ContextVar[tuple[KeepScope, ...]] = contextvars.ContextVar("offload_dist_keep", default=())
+_RAW: contextvars.ContextVar[tuple[OnloadOffScope, ...]] = contextvars.ContextVar("offload_dist_raw", default=())
+
+
+class OffloadStore:
+    """The tiers and sharing table of the modules offloaded together.
+
+    Args:
+        policy: cpu-tier allocation and copy options.
+        offload_folder: where the disk tier writes; required only if a module is
+            offloaded to disk.
+    """
+
+    def __init__(self, policy: OffloadPolicy | None = None, offload_folder: str | None = None):
+        self.policy = policy or OffloadPolicy()
+        self.offload_folder = offload_folder
+        self._tiers: dict[tuple[Tier, torch.device | None], TierStore] = {}
+        # Sharing table, alive only inside ``sharing()``: storage identity -> blob.
+        # The originals are held so their identity cannot be reused meanwhile.
+        self._shared_blobs: dict[tuple[int, int, int], Blob] | None = None
+        self._shared_entries: dict[int, tuple[torch.Tensor, Entry]] | None = None
+        self._pinned_originals: list[torch.Tensor] = []
+
+    def tier(self, tier: Tier, device: torch.device | None = None) -> TierStore:
+        key = (tier, device if tier is Tier.DEVICE else None)
+        if key not in self._tiers:
+            if tier is Tier.CPU:
+                self._tiers[key] = CpuTier(self.policy)
+            elif tier is Tier.DEVICE:
+                assert device is not None
+                self._tiers[key] = DeviceTier(device)
+            else:
+                if self.offload_folder is None:
+                    raise ValueError("the disk tier needs an offload folder: pass offload_folder=... "
+                                     "(a directory this process can write)")
+                self._tiers[key] = DiskTier(self.offload_folder)
+        return self._tiers[key]
+
+    class _Sharing:
+        def __init__(self, store: OffloadStore):
+            self.store = store
+
+        def __enter__(self):
+            s = self.store
+            s._shared_blobs, s._shared_entries, s._pinned_originals = {}, {}, []
+            return s
+
+        def __exit__(self, *exc):
+            s = self.store
+            s._shared_blobs = s._shared_entries = None
+            s._pinned_originals = []
+
+    def sharing(self) -> OffloadStore._Sharing:
+        """Within this context, modules offloaded through this store share the bytes of
+        tensors they have in common (tied weights are stored once)."""
+        return OffloadStore._Sharing(self)
+
+    def offload(self, tensors: dict[str, torch.Tensor | None], tier: TierStore, label: str) -> dict[str, Entry | None]:
+        """Moves ``tensors`` to ``tier`` (one packed segment) and returns their entries.
+
+        Tensors already offloaded in the current sharing pass reuse their entry or blob.
+        """
+        for name, t in tensors.items():
+            if t is not None and t.device.type == "meta" and not _is_meta_ok(tier):
+                raise OffloadError(f"{label}.{name}: tensor is on the meta device, so there are no bytes to offload; "
+                                   "load its weights first (load_offloaded_model does this)")
+        entries: dict[str, Entry | None] = {}
+        todo: dict[str, torch.Tensor | None] = {}
+        for name, t in tensors.items():
+            known = self._shared_entries.get(id(t)) if self._shared_entries is not None and t is not None else None
+            if known is not None and known[0] is t:
+                entries[name] = known[1]
+            else:
+                todo[name] = t
+        flat = flatten_tensors(todo)
+        blobs: list[Blob | None] = [None] * len(flat.storages)
+        fresh = []
+        for i, (s, key) in enumerate(zip(flat.storages, flat.keys)):
+            k = (key[0], key[1], s.numel())
+            if self._shared_blobs is not None and k in self._shared_blobs:
+                blobs[i] = self._shared_blobs[k]
+            else:
+                fresh.append(i)
+        if fresh:
+            if isinstance(tier, DeviceTier) and all(flat.storages[i].device == tier.device for i in fresh):
+                # Already where the tier keeps it: hold the bytes, no copy.
+                for i in fresh:
+                    s = flat.storages[i]
+                    blobs[i] = Blob(DeviceSegment(s), 0, s.numel())
+            else:
+                seg, offsets = tier.put([flat.storages[i] for i in fresh], label)
+                for i, off in zip(fresh, offsets):
+                    blobs[i] = Blob(seg, off, flat.storages[i].numel())
+            if self._shared_blobs is not None:
+                for i in fresh:
+                    key = flat.keys[i]
+                    self._shared_blobs[(key[0], key[1], flat.storages[i].numel())] = blobs[i]
+                    self._pinned_originals.append(flat.storages[i])
+        for name, t in todo.items():
+            lay = flat.layouts[name]
+            if lay is None:
+                entries[name] = None
+                continue
+            order = _storage_indices(lay.layout)
+            entry = Entry(_reindex(lay, order), tuple(blobs[i] for i in order))
+            entries[name] = entry
+            if self._shared_entries is not None:
+                self._shared_entries[id(t)] = (t, entry)
+        return {name: entries[name] for name in tensors}
+
+
+def _is_meta_ok(tier: TierStore) -> bool:
+    return isinstance(tier, DeviceTier) and tier.device.type == "meta"
+
+
+def _storage_indices(layout) -> list[int]:
+    """Distinct storage indices used by a layout, in first-use order."""
+    from offload_dist.tensors import PlainLayout
+
+    out: list[int] = []
+
+    def walk(lay):
+        if isinstance(lay, PlainLayout):
+            if lay.storage not in out:
+                out.append(lay.storage)
+        else:
+            for _, sub in lay.inner:
+                walk(sub)
+
+    walk(layout)
+    return out
+
+
+def _reindex(entry: TensorLayout, order: list[int]) -> TensorLayout:
+    """Renumbers storage indices so they index the entry's own blob tuple."""
+    from dataclasses import replace
+
+    from offload_dist.tensors import PlainLayout
+
+    pos = {s: i for i, s in enumerate(order)}
+
+    def walk(lay):
+        if isinstance(lay, PlainLayout):
+            return replace(lay, storage=pos[lay.storage])
+        return replace(lay, inner=tuple((n, walk(sub)) for n, sub in lay.inner))
+
+    return replace(entry, layout=walk(entry.layout))
+
+
+class ModuleOffload:
+    """Everything about one offloaded module.
+
+    Args:
+        name: the module's qualified name (for messages).
+        onload_device: where its tensors are used.
+        tier: where its tensors rest.
+        store: the store shared with the other modules of the model.
+    """
+
+    def __init__(self, name: str, onload_device: torch.device, tier: TierStore, store: OffloadStore):
+        self.name = name
+        self.onload_device = onload_device
+        self.tier = tier
+        self.store = store
+        self.entries: dict[str, dict[str, Entry | None]] = {"_parameters": {}, "_buffers": {}}
+        self.hooks: list = []
+        # The forward frame: tensors onloaded for the duration of forward (see
+        # [Note: onload scopes]); shared by threads running this module at once.
+        self._frame: dict[Entry, torch.Tensor] | None = None
+        self._depth = 0
+        self._lock = threading.Lock()
+
+    # -- reads ---------------------------------------------------------------------------
+    def _label(self, name: str) -> str:
+        return f"module '{self.name}' tensor '{name}'"
+
+    def get(self, kind: str, name: str) -> torch.Tensor | None:
+        entry = self.entries[kind][name]
+        if entry is None:
+            return None
+        for scope in _RAW.get():
+            if scope.covers(self):
+                return self.at_rest(entry)
+        for scope in _KEEP.get():
+            if scope.covers(self):
+                if entry not in scope.tensors:
+                    self.onload_into([entry], scope.tensors, scope.blobs)
+                return scope.tensors[entry]
+        frame = self._frame
+        if frame is not None and entry in frame:
+            return frame[entry]
+        out: dict[Entry, torch.Tensor] = {}
+        self.onload_into([entry], out, {})
+        return out[entry]
+
+    def at_rest(self, entry: Entry) -> torch.Tensor:
+        """The tensor as it rests in its tier: views of CPU/device bytes, meta for disk."""
+        storages = [b.segment.raw()[b.offset:b.offset + b.nbytes] for b in entry.blobs]
+        return restore_tensor(entry.layout, storages)
+
+    def fetch_blobs(self, blobs: list[Blob], cache: dict[Blob, torch.Tensor]) -> None:
+        """Brings ``blobs`` to the onload device, one read per segment, into ``cache``.
+
+        This is the one place that moves bytes from a tier; the distributed cache
+        replaces it with a collective.
+        """
+        by_seg: dict[int, list[Blob]] = {}
+        for b in blobs:
+            if b not in cache:
+                by_seg.setdefault(id(b.segment), []).append(b)
+        nb = self.store.policy.non_blocking
+        for group in by_seg.values():
+            seg = group[0].segment
+            lo = min(b.offset for b in group)
+            hi = max(b.offset + b.nbytes for b in group)
+            try:
+                buf = seg.read(lo, hi, self.onload_device, non_blocking=nb)
+            except (OSError, ValueError) as e:
+                raise OffloadError(f"onloading module '{self.name}' from the {seg.tier.value} tier failed: {e}") from e
+            for b in group:
+                cache[b] = buf[b.offset - lo:b.offset - lo + b.nbytes]
+
+    def onload_into(self, entries: list[Entry], out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> None:
+        todo = [e for e in entries if e not in out]
+        self.fetch_blobs([b for e in todo for b in e.blobs], blob_cache)
+        for e in todo:
+            out[e] = restore_tensor(e.layout, [blob_cache[b] for b in e.blobs])
+
+    def all_entries(self) -> list[Entry]:
+        seen: dict[int, Entry] = {}
+        for kind in self.entries.values():
+            for e in kind.values():
+                if e is not None:
+                    seen.setdefault(id(e), e)
+        return list(seen.values())
+
+    # -- forward frame -------------------------------------------------------------------
+    def enter_forward(self) -> None:
+        for scope in _KEEP.get():
+            if scope.covers(self):
+                self.onload_into(self.all_entries(), scope.tensors, scope.blobs)
+                with self._lock:
+                    self._depth += 1
+                return
+        with self._lock:
+            self._depth += 1
+            if self._frame is None:
+                frame: dict[Entry, torch.Tensor] = {}
+                self.onload_into(self.all_entries(), frame, {})
+                self._frame = frame
+
+    def exit_forward(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth <= 0:
+                self._depth = 0
+                self._frame = None
+
+    # -- writes --------------------------------------------------------------------------
+    def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
+        old = self.entries[kind].get(name)
+        if value is None:
+            self.entries[kind][name] = None
+        else:
+            self.entries[kind][name] = self.store.offload({name: value}, self.tier, f"{self.name}.{name}")[name]
+        self._forget(old)
+
+    def delete(self, kind: str, name: str) -> None:
+        old = self.entries[kind].pop(name)
+        self._forget(old)
+
+    def _forget(self, old: Entry | None) -> None:
+        if old is None:
+            return
+        if self._frame is not None:
+            self._frame.pop(old, None)
+        for scope in _KEEP.get():
+            scope.tensors.pop(old, None)
+
+    def update(self, kind: str, name: str, data: torch.Tensor) -> None:
+        """Writes ``data`` into the offloaded tensor in place (ties see the new value).
+
+        Raises:
+            KeyError: no such tensor.
+            ValueError: shape, dtype or subclass layout differ.
+        """
+        entry = self.entries[kind].get(name)
+        if entry is None:
+            raise KeyError(f"{self._label(name)} does not exist or is None; assign it instead")
+        what = self._label(name)
+        if all(b.segment.tier is not Tier.DISK for b in entry.blobs):
+            copy_into(self.at_rest(entry), data, what)
+        else:
+            self._rewrite_disk(entry, data, what)
+        # Onloaded copies that are alive in scopes see the new value too.
+        for held in ([self._frame] if self._frame is not None else []) + [s.tensors for s in _KEEP.get()]:
+            if entry in held:
+                copy_into(held[entry], data.to(held[entry].device), what)
+
+    def _rewrite_disk(self, entry: Entry, data: torch.Tensor, what: str) -> None:
+        cpu_blobs = {b: b.segment.read(b.offset, b.offset + b.nbytes, torch.device("cpu")) for b in entry.blobs}
+        copy_into(restore_tensor(entry.layout, [cpu_blobs[b] for b in entry.blobs], as_param=False), data.to("cpu"), what)
+        tier = self.tier if self.tier.tier is Tier.DISK else self.store.tier(Tier.DISK)
+        seg, offsets = tier.put([cpu_blobs[b] for b in entry.blobs], f"{self.name}.{what}")
+        for b, off in zip(entry.blobs, offsets):
+            b.segment, b.offset = seg, off  # every entry viewing the blob follows
+
+    def nbytes(self) -> int:
+        seen: dict[int, int] = {}
+        for e in self.all_entries():
+            for b in e.blobs:
+                seen[id(b)] = b.nbytes
+        return sum(seen.values())
+
+
+class OffloadCache(MutableMapping):
+    """Stands in for ``module._parameters`` or ``module._buffers`` of an offloaded module.
+
+    Reads onload (see [Note: onload scopes]); writes offload. Iteration order is the
+    module's original order.
+    """
+
+    def __init__(self, state: ModuleOffload, kind: str):
+        self.state = state
+        self.kind = kind
+
+    def __getitem__(self, name: str) -> torch.Tensor | None:
+        return self.state.get(self.kind, name)
+
+    def __setitem__(self, name: str, value: torch.Tensor | None) -> None:
+        self.state.set(self.kind, name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self.state.delete(self.kind, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.state.entries[self.kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.state.entries[self.kind]))
+
+    def __len__(self) -> int:
+        return len(self.state.entries[self.kind])
+
+    def __repr__(self) -> str:
+        return f"OffloadCache({self.kind}, module={self.state.name!r}, keys={list(self.state.entries[self.kind])})"

@@ -1,0 +1,95 @@
+"""Frozen options and enums shared by every layer.
+
+Nothing here holds runtime state: these are values that are passed around.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Tier", "OffloadPolicy", "parse_device", "parse_tier", "DISK"]
+
+DISK = "disk"
+
+
+class Tier(enum.Enum):
+    """Where a tensor lives at rest (its *offload tier*).
+
+    DEVICE: the tensor stays on its onload device; costs device memory, no transfers.
+    CPU: host memory (pinned when CUDA is present); costs host memory, one H2D copy
+        per onload.
+    DISK: safetensors files (the checkpoint's own or the offload folder's); costs disk
+        space and a read per onload, no resident memory.
+    """
+
+    DEVICE = "device"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class OffloadPolicy:
+    """How the cpu tier allocates and copies.
+
+    Attributes:
+        pin_memory: pin host buffers of the cpu tier. ``None`` means pin when CUDA is
+            available (pinning without a GPU gains nothing).
+        non_blocking: issue host->device copies asynchronously from pinned memory.
+    """
+
+    pin_memory: bool | None = None
+    non_blocking: bool = True
+
+    def should_pin(self) -> bool:
+        if self.pin_memory is None:
+            return torch.cuda.is_available()
+        return self.pin_memory
+
+
+def parse_device(device: torch.device | str | int) -> torch.device:
+    """Turns a user's device spec into a ``torch.device`` with an explicit index for CUDA.
+
+    Raises:
+        ValueError: the string names no device torch knows, or it is ``"disk"``
+            (disk is an offload tier, never an onload device).
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, int):
+        dev = torch.device("cuda", device)
+    elif isinstance(device, str):
+        if device == DISK:
+            raise ValueError("'disk' is an offload tier, not an onload device; "
+                             "pass 'cpu' or a GPU such as 'cuda:0'")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N' "
+                             f"or an int GPU index ({e})") from None
+    else:
+        raise TypeError(f"device must be a torch.device, str or int, got {type(device).__name__}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+def parse_tier(offload_device: torch.device | str | int, onload_device: torch.device) -> tuple[Tier, torch.device | None]:
+    """Maps a compressed-tensors style ``offload_device`` to a tier.
+
+    Returns:
+        ``(tier, device)``: ``device`` is the device of the DEVICE tier, ``None`` otherwise.
+
+    Raises:
+        ValueError: an unknown device string.
+    """
+    if isinstance(offload_device, str) and offload_device == DISK:
+        return Tier.DISK, None
+    if isinstance(offload_device, Tier):
+        return offload_device, (onload_device if offload_device is Tier.DEVICE else None)
+    dev = parse_device(offload_device)
+    if dev.type == "cpu":
+        return Tier.CPU, None
+    return Tier.DEVICE, dev

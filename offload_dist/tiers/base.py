@@ -1,0 +1,60 @@
+"""The interface every tier implements."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from offload_dist.policy import Tier
+from offload_dist.tensors import aligned_offsets
+
+
+class Segment(abc.ABC):
+    """A contiguous run of ``nbytes`` bytes held by one tier."""
+
+    tier: Tier
+    nbytes: int
+
+    @abc.abstractmethod
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+        """Bytes ``[start, end)`` as a 1D ``uint8`` tensor on ``device``.
+
+        When the bytes already live on ``device`` this is a view (no copy); writes to a
+        view land in the segment.
+        """
+
+    @abc.abstractmethod
+    def raw(self) -> torch.Tensor:
+        """The bytes at rest: a CPU or device tensor, or a meta tensor for disk."""
+
+    def write(self, start: int, data: torch.Tensor) -> None:
+        """Overwrites bytes in place. Tiers that cannot (disk) raise ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be written in place")
+
+
+class TierStore(abc.ABC):
+    """Creates segments of one tier."""
+
+    tier: Tier
+
+    @abc.abstractmethod
+    def allocate(self, nbytes: int, label: str) -> Segment:
+        """An uninitialised writable segment (cpu and device tiers)."""
+
+    def put(self, storages: list[torch.Tensor], label: str) -> tuple[Segment, list[int]]:
+        """Packs ``storages`` (1D ``uint8``) into one new segment.
+
+        Args:
+            storages: byte runs to pack, on any device but meta.
+            label: the module (and tensor) they belong to, for error messages and
+                file names.
+
+        Returns:
+            ``(segment, offsets)``: where each storage starts in the segment.
+        """
+        offsets, total = aligned_offsets(s.numel() for s in storages)
+        seg = self.allocate(total, label)
+        for s, off in zip(storages, offsets):
+            seg.write(off, s)
+        return seg, offsets

@@ -1,0 +1,36 @@
+"""The device tier: the tensors stay on a GPU (or CPU) and are never moved."""
+
+from __future__ import annotations
+
+import torch
+
+from offload_dist.policy import Tier
+from offload_dist.tiers.base import Segment, TierStore
+
+
+class DeviceSegment(Segment):
+    tier = Tier.DEVICE
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data  # 1D uint8 on the tier's device
+        self.nbytes = data.numel()
+
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+        view = self.data[start:end]
+        return view if view.device == device else view.to(device, non_blocking=non_blocking)
+
+    def raw(self) -> torch.Tensor:
+        return self.data
+
+    def write(self, start: int, data: torch.Tensor) -> None:
+        self.data[start:start + data.numel()].copy_(data.reshape(-1).view(torch.uint8))
+
+
+class DeviceTier(TierStore):
+    tier = Tier.DEVICE
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def allocate(self, nbytes: int, label: str) -> DeviceSegment:
+        return DeviceSegment(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
