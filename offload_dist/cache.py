@@ -398,7 +398,7 @@ class ModuleOffload:
         cpu_blobs = {b: b.segment.read(b.offset, b.offset + b.nbytes, torch.device("cpu")) for b in entry.blobs}
         copy_into(restore_tensor(entry.layout, [cpu_blobs[b] for b in entry.blobs], as_param=False), data.to("cpu"), what)
         tier = self.tier if self.tier.tier is Tier.DISK else self.store.tier(Tier.DISK)
-        seg, offsets = tier.put([cpu_blobs[b] for b in entry.blobs], f"{self.name}.{what}")
+        seg, offsets = tier.put([cpu_blobs[b] for b in entry.blobs], what)
         for b, off in zip(entry.blobs, offsets):
             b.segment, b.offset = seg, off  # every entry viewing the blob follows
 

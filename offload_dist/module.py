@@ -22,7 +22,7 @@ from offload_dist.tensors import copy_into, restore_tensor
 __all__ = [
     "offload_module", "remove_module_offload", "is_offloaded", "get_offload_state", "disable_offloading",
     "disable_onloading", "update_offload_parameter", "get_execution_device", "get_offloaded_device",
-    "register_offload_module", "set_onload_device", "offload_model", "STATE_ATTR",
+    "register_offload_module", "set_onload_device", "offload_model", "install_offload", "STATE_ATTR",
 ]
 
 STATE_ATTR = "_offload_dist_state"
@@ -100,12 +100,25 @@ def offload_module(
     elif offload_folder is not None and store.offload_folder is None:
         store.offload_folder = offload_folder
     tier = store.tier(tier_kind, tier_dev)
-    state = ModuleOffload(label, onload, tier, store)
     tensors = {f"p{n}": t for n, t in module._parameters.items()}
     tensors.update({f"b{n}": t for n, t in module._buffers.items()})
     entries = store.offload(tensors, tier, label)
-    state.entries["_parameters"] = {n: entries[f"p{n}"] for n in module._parameters}
-    state.entries["_buffers"] = {n: entries[f"b{n}"] for n in module._buffers}
+    install_offload(module, ModuleOffload(label, onload, tier, store),
+                    {n: entries[f"p{n}"] for n in module._parameters},
+                    {n: entries[f"b{n}"] for n in module._buffers})
+
+
+def install_offload(module: nn.Module, state: ModuleOffload, params: dict[str, Entry | None],
+                    buffers: dict[str, Entry | None]) -> None:
+    """Swaps in the offload cache for entries that are already in their tier.
+
+    The low-level half of :func:`offload_module`, used by loaders that put bytes in
+    a tier themselves (a checkpoint's files, a broadcast from another rank).
+    """
+    if is_offloaded(module):
+        raise ValueError(f"module '{state.name}' is already offloaded; call remove_module_offload() first")
+    state.entries["_parameters"] = dict(params)
+    state.entries["_buffers"] = dict(buffers)
     module.__dict__["_parameters"] = OffloadCache(state, "_parameters")
     module.__dict__["_buffers"] = OffloadCache(state, "_buffers")
     module.__dict__[STATE_ATTR] = state
