@@ -163,12 +163,18 @@ class OffloadStore:
                                    "load its weights first (load_offloaded_model does this)")
         entries: dict[str, Entry | None] = {}
         todo: dict[str, torch.Tensor | None] = {}
+        aliases: dict[str, str] = {}  # name -> earlier name of the same tensor object (ties)
+        first: dict[int, str] = {}
         for name, t in tensors.items():
             known = self._shared_entries.get(id(t)) if self._shared_entries is not None and t is not None else None
             if known is not None and known[0] is t:
                 entries[name] = known[1]
+            elif t is not None and id(t) in first:
+                aliases[name] = first[id(t)]
             else:
                 todo[name] = t
+                if t is not None:
+                    first[id(t)] = name
         flat = flatten_tensors(todo)
         blobs: list[Blob | None] = [None] * len(flat.storages)
         fresh = []
@@ -203,6 +209,8 @@ class OffloadStore:
             entries[name] = entry
             if self._shared_entries is not None:
                 self._shared_entries[id(t)] = (t, entry)
+        for name, src in aliases.items():
+            entries[name] = entries[src]  # one entry: restored as one tensor, so the tie survives
         return {name: entries[name] for name in tensors}
 
 
@@ -280,15 +288,22 @@ class ModuleOffload:
                 return self.at_rest(entry)
         for scope in _KEEP.get():
             if scope.covers(self):
-                if entry not in scope.tensors:
-                    self.onload_into([entry], scope.tensors, scope.blobs)
-                return scope.tensors[entry]
+                if entry in scope.tensors:
+                    return scope.tensors[entry]
+                return self.onload_lazy(entry, scope.tensors, scope.blobs)
         frame = self._frame
         if frame is not None and entry in frame:
             return frame[entry]
-        out: dict[Entry, torch.Tensor] = {}
-        self.onload_into([entry], out, {})
+        return self.onload_lazy(entry, {}, {})
+
+    def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
+        """Onloads one tensor for a read outside a forward frame (into ``out``)."""
+        self.onload_into([entry], out, blob_cache)
         return out[entry]
+
+    def onload_module(self, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> None:
+        """Onloads every tensor of the module together (at forward)."""
+        self.onload_into(self.all_entries(), out, blob_cache)
 
     def at_rest(self, entry: Entry) -> torch.Tensor:
         """The tensor as it rests in its tier: views of CPU/device bytes, meta for disk."""
@@ -335,7 +350,7 @@ class ModuleOffload:
     def enter_forward(self) -> None:
         for scope in _KEEP.get():
             if scope.covers(self):
-                self.onload_into(self.all_entries(), scope.tensors, scope.blobs)
+                self.onload_module(scope.tensors, scope.blobs)
                 with self._lock:
                     self._depth += 1
                 return
@@ -343,7 +358,7 @@ class ModuleOffload:
             self._depth += 1
             if self._frame is None:
                 frame: dict[Entry, torch.Tensor] = {}
-                self.onload_into(self.all_entries(), frame, {})
+                self.onload_module(frame, {})
                 self._frame = frame
 
     def exit_forward(self) -> None:

@@ -24,7 +24,8 @@ from offload_dist.policy import OffloadPolicy, Tier, parse_tier
 from offload_dist.tensors import PlainLayout, TensorLayout, aligned_offsets
 from offload_dist.tiers.disk import DiskSegment, TensorInfo, _read_into, read_safetensors_header
 
-__all__ = ["Checkpoint", "CheckpointMismatchError", "load_checkpoint_offloaded", "contiguous_layout"]
+__all__ = ["Checkpoint", "CheckpointMismatchError", "load_checkpoint_offloaded", "contiguous_layout", "ModuleTensors",
+           "resolve_model_tensors"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -94,6 +95,67 @@ def _check(name: str, info: TensorInfo, t: torch.Tensor) -> None:
         raise CheckpointMismatchError(f"tensor {name!r}: checkpoint dtype {info.dtype} but the model's tensor is "
                                       f"{t.dtype}; build the model in the checkpoint's dtype (e.g. "
                                       "torch.set_default_dtype or dtype= in from_pretrained)")
+
+
+@dataclass
+class ModuleTensors:
+    """How each tensor of one module is sourced.
+
+    ``items`` maps ``"p<name>"``/``"b<name>"`` to ``(key, tensor, info)``: ``info`` is
+    the checkpoint tensor to read; ``info is None`` means the model's own value (when
+    ``key`` is the tensor's own name) or a tie to the tensor first seen under ``key``.
+    """
+
+    name: str
+    module: nn.Module
+    items: dict[str, tuple[str, torch.Tensor | None, TensorInfo | None]]
+
+
+def resolve_model_tensors(model: nn.Module, ckpt: Checkpoint, strict: bool = True) -> list[ModuleTensors]:
+    """Matches every tensor of ``model`` to a checkpoint key, a tie, or its own value (no I/O).
+
+    Raises:
+        CheckpointMismatchError: a missing key, an unexpected key (strict), or a shape
+            or dtype mismatch.
+        ValueError: a module is already offloaded.
+    """
+    seen: dict[int, str] = {}
+    work: list[ModuleTensors] = []
+    used: set[str] = set()
+    missing: list[str] = []
+    for mname, m in model.named_modules():
+        if not m._parameters and not m._buffers:
+            continue
+        if is_offloaded(m):
+            raise ValueError(f"module '{mname}' is already offloaded; call remove_dispatch(model) first")
+        items: dict[str, tuple[str, torch.Tensor | None, TensorInfo | None]] = {}
+        for kind, table in (("p", m._parameters), ("b", m._buffers)):
+            for n, t in table.items():
+                full = f"{mname}.{n}" if mname else n
+                if t is None:
+                    items[kind + n] = (full, None, None)
+                elif id(t) in seen:
+                    items[kind + n] = (seen[id(t)], t, None)  # tie: resolved to the first name
+                elif full in ckpt.tensors:
+                    _check(full, ckpt.tensors[full], t)
+                    items[kind + n] = (full, t, ckpt.tensors[full])
+                    used.add(full)
+                    seen[id(t)] = full
+                elif t.device.type != "meta":
+                    items[kind + n] = (full, t, None)
+                    seen[id(t)] = full
+                else:
+                    missing.append(full)
+        work.append(ModuleTensors(mname, m, items))
+    if missing:
+        raise CheckpointMismatchError(f"{len(missing)} tensor(s) of the model are not in the checkpoint {ckpt.root}: "
+                                      f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(ckpt.tensors) - used)
+    if strict and unexpected:
+        raise CheckpointMismatchError(f"{len(unexpected)} checkpoint tensor(s) are not used by the model: "
+                                      f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; pass strict=False "
+                                      "to ignore them")
+    return work
 
 
 def _disk_blobs(infos: list[TensorInfo]) -> list[Blob]:
@@ -175,46 +237,14 @@ def load_checkpoint_offloaded(
     placements = _normalize(device_map if device_map is not None else {"": ("cpu", "cpu")})
     store = OffloadStore(policy, offload_folder)
 
-    # Pass 1 (no I/O): resolve every tensor to a checkpoint key, a tie, or its own value.
-    seen: dict[int, str] = {}
-    work: list[tuple[str, nn.Module, Placement, dict[str, tuple[str, torch.Tensor | None, TensorInfo | None]]]] = []
-    used: set[str] = set()
-    missing: list[str] = []
+    placement_of = {}
     for mname, m in model.named_modules():
-        if not _own_tensors(m) and not m._parameters and not m._buffers:
-            continue
-        if is_offloaded(m):
-            raise ValueError(f"module '{mname}' is already offloaded; call remove_dispatch(model) first")
-        placement = _lookup(placements, mname)
-        if placement is None:
-            raise CheckpointMismatchError(f"module '{mname}' has no entry in device_map")
-        items: dict[str, tuple[str, torch.Tensor | None, TensorInfo | None]] = {}
-        for kind, table in (("p", m._parameters), ("b", m._buffers)):
-            for n, t in table.items():
-                full = f"{mname}.{n}" if mname else n
-                if t is None:
-                    items[kind + n] = (full, None, None)
-                elif id(t) in seen:
-                    items[kind + n] = (seen[id(t)], t, None)  # tie: resolved to the first name
-                elif full in ckpt.tensors:
-                    _check(full, ckpt.tensors[full], t)
-                    items[kind + n] = (full, t, ckpt.tensors[full])
-                    used.add(full)
-                    seen[id(t)] = full
-                elif t.device.type != "meta":
-                    items[kind + n] = (full, t, None)
-                    seen[id(t)] = full
-                else:
-                    missing.append(full)
-        work.append((mname, m, placement, items))
-    if missing:
-        raise CheckpointMismatchError(f"{len(missing)} tensor(s) of the model are not in the checkpoint {ckpt.root}: "
-                                      f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(ckpt.tensors) - used)
-    if strict and unexpected:
-        raise CheckpointMismatchError(f"{len(unexpected)} checkpoint tensor(s) are not used by the model: "
-                                      f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; pass strict=False "
-                                      "to ignore them")
+        if m._parameters or m._buffers:
+            placement = _lookup(placements, mname)
+            if placement is None:
+                raise CheckpointMismatchError(f"module '{mname}' has no entry in device_map")
+            placement_of[mname] = placement
+    work = [(w.name, w.module, placement_of[w.name], w.items) for w in resolve_model_tensors(model, ckpt, strict)]
 
     # Pass 2: put bytes in their tiers and install the caches.
     entries_by_name: dict[str, Entry] = {}
