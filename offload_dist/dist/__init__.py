@@ -1,0 +1,1 @@
+"""Multi-rank pieces: process groups, collectives, the sharding planner, loading."""
