@@ -1,0 +1,156 @@
+"""Broadcast-on-demand: a module's bytes rest on its owner and reach every rank at forward.
+
+Every rank holds the same entries and blobs for a module (same layouts, same byte
+sizes); only the owner's blobs point at real bytes (pinned CPU, its offload folder or a
+checkpoint file). The others point at a :class:`RemoteSegment` that has a size and no
+bytes.
+
+[Note: distributed onload]
+* At forward (data-parallel calibration: every rank runs the same modules in the same
+  order) the module's blobs are packed in *wire order* (unique blobs in entry order, at
+  64-byte aligned offsets), and the owner broadcasts that buffer to every rank's onload
+  device in one collective. The owner's tier holds the module in wire order already, so
+  the owner's side is a single read.
+* A read outside a forward never issues a collective (one rank reading ``module.weight``
+  must not block the others): on the owner it onloads locally, on every other rank it
+  returns a meta tensor of the right shape and dtype, and warns once per module. Code
+  that needs the values on every rank runs inside a forward, or uses
+  :func:`offload_dist.dist.parallel.replace_module_parallel`.
+* Which modules a ``disable_offloading`` scope holds is decided only by forwards, so it
+  is the same on every rank and the decision to skip a collective never diverges.
+* Writes: ``update_offload_parameter`` writes in place on the owner and raises
+  :class:`NotOwnerError` elsewhere; assigning a new tensor raises on every rank (the
+  tensor structure must change on every rank at once: use ``replace_module_parallel``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore
+from offload_dist.dist import collectives
+from offload_dist.log import get_logger
+from offload_dist.policy import Tier
+from offload_dist.tensors import aligned_offsets, restore_tensor
+from offload_dist.tiers.base import Segment, TierStore
+
+__all__ = ["DistModuleOffload", "RemoteSegment", "NotOwnerError", "wire_blobs", "wire_offsets"]
+
+_log = get_logger()
+
+
+class NotOwnerError(RuntimeError):
+    """A write to a module's offloaded copy on a rank that does not own it."""
+
+
+class RemoteSegment(Segment):
+    """Bytes that rest on another rank: a size, no data."""
+
+    tier = Tier.CPU
+
+    def __init__(self, nbytes: int, owner: int):
+        self.nbytes = nbytes
+        self.owner = owner
+
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+        raise NotOwnerError(f"these bytes rest on rank {self.owner}; they reach this rank only by a collective")
+
+    def raw(self) -> torch.Tensor:
+        return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
+
+
+def wire_blobs(entries: list[Entry]) -> list[Blob]:
+    """Unique blobs of ``entries`` in first-use order: the order they travel in."""
+    seen: dict[int, Blob] = {}
+    for e in entries:
+        for b in e.blobs:
+            seen.setdefault(id(b), b)
+    return list(seen.values())
+
+
+def wire_offsets(blobs: list[Blob]) -> tuple[list[int], int]:
+    return aligned_offsets(b.nbytes for b in blobs)
+
+
+class DistModuleOffload(ModuleOffload):
+    """A module offloaded across ranks (see [Note: distributed onload]).
+
+    Args:
+        name, onload_device, tier, store: as :class:`~offload_dist.cache.ModuleOffload`.
+        owner: the rank whose tier holds the bytes.
+        rank: this process's rank.
+        group: the process group of the job (default group when None).
+    """
+
+    def __init__(self, name: str, onload_device: torch.device, tier: TierStore, store: OffloadStore, *,
+                 owner: int, rank: int, group=None):
+        super().__init__(name, onload_device, tier, store)
+        self.owner = owner
+        self.rank = rank
+        self.group = group
+        self._warned = False
+
+    @property
+    def is_owner(self) -> bool:
+        return self.rank == self.owner
+
+    def onload_module(self, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> None:
+        entries = self.all_entries()
+        if all(e in out for e in entries):
+            return  # held by a scope; the same on every rank (see the note)
+        blobs = wire_blobs(entries)
+        offsets, total = wire_offsets(blobs)
+        dev = self.onload_device
+        if self.is_owner:
+            buf = self._owner_wire_buffer(blobs, offsets, total)
+        else:
+            buf = torch.empty(total, dtype=torch.uint8, device=dev)
+        buf = collectives.broadcast_bytes(buf, self.owner, self.group, tag=self.name)
+        for b, off in zip(blobs, offsets):
+            blob_cache[b] = buf[off:off + b.nbytes]
+        for e in entries:
+            if e not in out:
+                out[e] = restore_tensor(e.layout, [blob_cache[b] for b in e.blobs])
+
+    def _owner_wire_buffer(self, blobs: list[Blob], offsets: list[int], total: int) -> torch.Tensor:
+        seg = blobs[0].segment if blobs else None
+        base = blobs[0].offset if blobs else 0
+        if seg is not None and all(b.segment is seg and b.offset - base == off for b, off in zip(blobs, offsets)):
+            buf = seg.read(base, base + total, self.onload_device, non_blocking=self.store.policy.non_blocking)
+            if self.onload_device.type == "cpu" and seg.tier is not Tier.DISK:
+                buf = buf.clone()  # never hand the at-rest bytes to a collective that writes
+            return buf
+        buf = torch.empty(total, dtype=torch.uint8, device=self.onload_device)
+        cache: dict[Blob, torch.Tensor] = {}
+        super().fetch_blobs(blobs, cache)
+        for b, off in zip(blobs, offsets):
+            buf[off:off + b.nbytes].copy_(cache[b])
+        return buf
+
+    def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
+        if self.is_owner:
+            local: dict[Entry, torch.Tensor] = {}
+            self.onload_into([entry], local, {})  # never stored in a scope: see the note
+            return local[entry]
+        if not self._warned:
+            self._warned = True
+            _log.warning("module '%s' is owned by rank %d: a read outside a forward returns a meta tensor here; "
+                         "read it inside a forward or on the owner", self.name, self.owner)
+        return restore_tensor(entry.layout, [torch.empty(b.nbytes, dtype=torch.uint8, device="meta")
+                                             for b in entry.blobs])
+
+    def update(self, kind: str, name: str, data: torch.Tensor) -> None:
+        if not self.is_owner:
+            raise NotOwnerError(f"[rank {self.rank}] module '{self.name}' tensor '{name}' is owned by rank "
+                                f"{self.owner}: update it on the owner (offload_dist.is_owner(module)) or compute "
+                                "the new value with replace_module_parallel, which runs on owners and shares the "
+                                "result with every rank")
+        super().update(kind, name, data)
+
+    def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
+        raise NotOwnerError(f"[rank {self.rank}] module '{self.name}': assigning '{name}' would change the tensor only "
+                            "on this rank; use offload_dist.replace_module_parallel to replace a module's tensors "
+                            "on every rank, or update_offload_parameter on the owner for same-shape writes")
+
+    def delete(self, kind: str, name: str) -> None:
+        self.set(kind, name, None)
