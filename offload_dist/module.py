@@ -89,6 +89,8 @@ def offload_module(
         OffloadError: a tensor is on the meta device.
         OffloadWriteError: the disk tier could not write (nothing is left behind).
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"offload_module() needs an nn.Module, got {type(module).__name__}")
     label = name or type(module).__name__
     if is_offloaded(module):
         raise ValueError(f"module '{label}' is already offloaded; call remove_module_offload() first, or "
@@ -100,12 +102,15 @@ def offload_module(
     elif offload_folder is not None and store.offload_folder is None:
         store.offload_folder = offload_folder
     tier = store.tier(tier_kind, tier_dev)
-    tensors = {f"p{n}": t for n, t in module._parameters.items()}
-    tensors.update({f"b{n}": t for n, t in module._buffers.items()})
+    # Keys are the tensors' own names, so errors name them; a buffer that shares a
+    # parameter's name (only possible by editing the dicts) gets a prefix.
+    tensors = dict(module._parameters)
+    bkeys = {n: f"buffer:{n}" if n in tensors else n for n in module._buffers}
+    tensors.update({bkeys[n]: t for n, t in module._buffers.items()})
     entries = store.offload(tensors, tier, label)
     install_offload(module, ModuleOffload(label, onload, tier, store),
-                    {n: entries[f"p{n}"] for n in module._parameters},
-                    {n: entries[f"b{n}"] for n in module._buffers})
+                    {n: entries[n] for n in module._parameters},
+                    {n: entries[bkeys[n]] for n in module._buffers})
 
 
 def install_offload(module: nn.Module, state: ModuleOffload, params: dict[str, Entry | None],
@@ -225,6 +230,8 @@ def update_offload_parameter(module: nn.Module, name: str, data: torch.Tensor) -
         ValueError: ``data`` has another shape, dtype or subclass layout; assign a new
             ``nn.Parameter`` to change those.
     """
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"update_offload_parameter({name!r}): data must be a torch.Tensor, got {type(data).__name__}")
     owner, leaf = _split_name(module, name)
     state = get_offload_state(owner)
     if state is None:
@@ -302,6 +309,8 @@ def offload_model(
     Returns:
         ``model``, offloaded in place.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"offload_model() needs an nn.Module, got {type(model).__name__}")
     store = OffloadStore(policy, offload_folder)
     done: list[nn.Module] = []
     try:

@@ -278,8 +278,25 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 
     Raises:
         ValueError: shapes, dtypes or subclass structure differ; ``what`` names the
-            tensor in the message.
+            tensor in the message. Checked for every inner tensor before any byte is
+            written, so a failed copy leaves ``dst`` unchanged.
     """
+    _check_copy(dst, src, what)
+    _copy_checked(dst, src)
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if is_wrapper_subclass(dst):
+        for n in dst.__tensor_flatten__()[0]:
+            _copy_checked(getattr(dst, n), getattr(src, n))
+        return
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def _check_copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if not isinstance(src, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(src).__name__}")
     if is_wrapper_subclass(dst) or is_wrapper_subclass(src):
         if type(dst) is not type(src):
             raise ValueError(f"{what}: cannot copy a {type(src).__name__} into a {type(dst).__name__}; "
@@ -291,7 +308,7 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
                              f"(inner {list(sn)} ctx {sctx!r} vs {list(dn)} {dctx!r}); assign a new "
                              "parameter instead")
         for n in dn:
-            copy_into(getattr(dst, n), getattr(src, n), f"{what}.{n}")
+            _check_copy(getattr(dst, n), getattr(src, n), f"{what}.{n}")
         return
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"{what}: shape {tuple(src.shape)} does not match the offloaded shape "
@@ -299,5 +316,3 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if dst.dtype != src.dtype:
         raise ValueError(f"{what}: dtype {src.dtype} does not match the offloaded dtype {dst.dtype}; "
                          "cast the data first or assign a new nn.Parameter to change the dtype")
-    with torch.no_grad():
-        dst.copy_(src)

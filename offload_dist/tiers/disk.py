@@ -105,6 +105,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             lo, hi = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{path}: tensor {name!r} has a malformed header entry {info!r} ({e!r})") from None
+        if any(n < 0 for n in shape):
+            raise CorruptFileError(f"{path}: tensor {name!r} has a negative dimension in shape {list(shape)}")
         numel = 1
         for n in shape:
             numel *= n
