@@ -96,13 +96,15 @@ def plan_dispatch(
     disk_memory: int | None = None,
     no_split_modules: Container[str] | None = None,
     extra_memory: int | None = None,
+    onload_device: torch.device | str | int | None = None,
 ) -> dict[str, Placement]:
     """Computes the device map :func:`dispatch_model` would apply (nothing moves).
 
     Units (modules with tensors of their own, or whole ``no_split_modules`` blocks) are
     taken in registration order and fill the devices of ``device_memory`` one after
     another; what does not fit is offloaded to the cpu tier under ``cpu_memory``, then
-    to disk under ``disk_memory``, and runs on the first device (or the CPU).
+    to disk under ``disk_memory``, and runs on ``onload_device`` (default: the first
+    device, or the CPU).
 
     Raises:
         DispatchError: the model does not fit; the message gives the unit and shortfall.
@@ -114,7 +116,7 @@ def plan_dispatch(
                else _default_device_memory(extra_memory))
     if no_split_modules is None:
         no_split_modules = getattr(model, "_no_split_modules", None) or ()
-    exec_dev = next(iter(devices), torch.device("cpu"))
+    exec_dev = parse_device(onload_device) if onload_device is not None else next(iter(devices), torch.device("cpu"))
     cpu_left = int(psutil.virtual_memory().available * 0.9) if cpu_memory is None else int(cpu_memory)
     disk_left = disk_memory
     left = dict(devices)
@@ -207,17 +209,19 @@ def dispatch_with_map(
         todo.append((name, m, p))
     store = OffloadStore(policy, offload_folder)
     done: list[nn.Module] = []
-    try:
-        with store.sharing():
+    with store.sharing():
+        try:
             for name, m, p in todo:
                 offload_module(m, p.onload, p.offload, name=name or type(m).__name__, store=store)
                 done.append(m)
-    except BaseException:
-        restored: dict[Entry, torch.Tensor] = {}
-        blobs: dict[Blob, torch.Tensor] = {}
-        for m in done:
-            remove_module_offload(m, _restored=restored, _blobs=blobs)
-        raise
+        except BaseException:
+            # Give back the original tensor objects (the sharing table holds them), so ties
+            # to modules not offloaded yet survive.
+            restored: dict[Entry, torch.Tensor] = {e: t for t, e in (store._shared_entries or {}).values()}
+            blobs: dict[Blob, torch.Tensor] = {}
+            for m in done:
+                remove_module_offload(m, _restored=restored, _blobs=blobs)
+            raise
     return model
 
 

@@ -1,0 +1,127 @@
+"""transformers glue: ``load_offloaded_model()`` around ``from_pretrained``.
+
+Inside ``with load_offloaded_model():`` a call such as
+``AutoModelForCausalLM.from_pretrained(path, dtype=..., device_map="auto_offload",
+max_memory=..., offload_folder=...)`` builds the model on the meta device from its
+config and loads it with :func:`offload_dist.load.load_offloaded_checkpoint`, one rank
+reading each byte and one owner holding it. ``device_map`` values this context does not
+handle (none, a dict in a distributed job is refused, ``"cuda"``/``"cpu"`` in one
+process) go to transformers unchanged.
+
+The context replaces ``from_pretrained`` on transformers' ``PreTrainedModel`` (which the
+``AutoModel*`` classes call) for its duration and restores them on
+exit, exception or not; transformers offers no hook for this. Do not load models from
+other threads while it is open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from offload_dist.dist.init import is_distributed, require_init
+from offload_dist.load import DEVICE_MAPS, load_offloaded_checkpoint
+
+__all__ = ["load_offloaded_model", "build_empty_model"]
+
+# from_pretrained options that do not change what is loaded from a local directory.
+_IGNORED = ("adapter_kwargs", "_from_auto", "_commit_hash", "code_revision", "cache_dir", "local_files_only", "token",
+            "force_download", "proxies", "use_safetensors", "low_cpu_mem_usage", "subfolder")
+
+
+def _local_dir(path: str | os.PathLike) -> str:
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(p, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # noqa: BLE001 - the message below says what to do
+        raise FileNotFoundError(f"{p!r} is not a local checkpoint directory and could not be fetched ({e}); "
+                                "download it first and pass the directory") from None
+
+
+def build_empty_model(cls, config, dtype: torch.dtype | None):
+    """The model of ``config`` with parameters on the meta device and real buffers."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "from_config"):  # Auto classes
+            model = cls.from_config(config, dtype=dtype)
+        else:
+            model = cls._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _resolve_dtype(dtype, config) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(found, str):
+            found = getattr(torch, found)
+        return found
+    if isinstance(dtype, str):
+        return getattr(torch, dtype)
+    return dtype
+
+
+@contextlib.contextmanager
+def load_offloaded_model(*, mode: str = "auto") -> Iterator[None]:
+    """Makes ``from_pretrained`` load with offload_dist (see the module docstring).
+
+    Args:
+        mode: distributed loading mode: ``"auto"``, ``"owner-reads"`` or ``"rank0"``.
+
+    Raises:
+        DistNotInitializedError: entered in a multi-rank launch before ``init_dist()``.
+    """
+    require_init("load_offloaded_model")
+    from transformers import PreTrainedModel
+
+    # Auto classes resolve the model class and call its from_pretrained: patching the
+    # base of all model classes covers both.
+    originals = {PreTrainedModel: PreTrainedModel.__dict__["from_pretrained"]}
+
+    def make(base):
+        original = originals[base].__func__
+
+        def from_pretrained(cls, path, *args, **kwargs):
+            device_map = kwargs.get("device_map")
+            ours = isinstance(device_map, str) and device_map in DEVICE_MAPS and (
+                is_distributed() or device_map in ("auto", "auto_offload", "disk"))
+            if not ours or args:
+                return original(cls, path, *args, **kwargs)
+            kwargs.pop("device_map")
+            max_memory = kwargs.pop("max_memory", None)
+            offload_folder = kwargs.pop("offload_folder", None)
+            dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+            from transformers import AutoConfig
+
+            local = _local_dir(path)
+            config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("trust_remote_code", "revision")}
+            config = kwargs.pop("config", None) or AutoConfig.from_pretrained(local, **config_kwargs)
+            attn = kwargs.pop("attn_implementation", None)
+            if attn is not None:
+                config._attn_implementation = attn
+            for k in _IGNORED:
+                kwargs.pop(k, None)
+            if kwargs:
+                raise TypeError(f"from_pretrained options not supported with device_map={device_map!r} under "
+                                f"load_offloaded_model: {sorted(kwargs)}")
+            model = build_empty_model(cls, config, _resolve_dtype(dtype, config))
+            load_offloaded_checkpoint(model, local, device_map, max_memory=max_memory,
+                                      offload_folder=offload_folder, mode=mode)
+            return model
+
+        return classmethod(from_pretrained)
+
+    try:
+        for base in originals:
+            setattr(base, "from_pretrained", make(base))
+        yield
+    finally:
+        for base, fn in originals.items():
+            setattr(base, "from_pretrained", fn)
