@@ -33,6 +33,8 @@ def parse_args(argv=None):
                    help="number of data slices (default: the world size); a single process run with the same "
                         "value sees the same data as the distributed run")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--verify", action="store_true",
+                   help="check the offloaded model's logits against a plain (non-offloaded) load first")
     return p.parse_args(argv)
 
 
@@ -64,6 +66,18 @@ def main(argv=None) -> None:
     with od.load_offloaded_model():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=args.device_map,
                                                      offload_folder=os.path.join(args.workdir, f"offload{ctx.rank}"))
+
+    if args.verify:
+        ids = torch.randint(0, model.config.vocab_size, (2, args.seq), generator=torch.Generator().manual_seed(99))
+        with torch.no_grad():
+            got = model(ids.to(od.get_execution_device(model)), use_cache=False).logits.cpu()
+            plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+            want = plain(ids, use_cache=False).logits
+        if not torch.equal(got, want):
+            raise SystemExit(f"[rank {ctx.rank}] offloaded logits differ from the plain model's "
+                             f"(max |diff| {(got - want).abs().max():.3g})")
+        print(f"[rank {ctx.rank}] offloaded logits are bit-identical to the plain model's")
+        del plain
 
     # Calibration: this rank's slice of the data, activation ranges per Linear.
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name}

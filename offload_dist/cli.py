@@ -3,63 +3,80 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
 
-def _demo_model(layers: int, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _example(name: str) -> Path:
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: the demo runs the examples of a source checkout "
+                         "(git clone, then pip install -e .)")
+    return path
 
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+
+def _load_shards(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Builds a small Llama, saves it, loads it offloaded (cpu and disk tiers), checks logits."""
+    """The main job on a generated model: quantize on N CPU ranks, compare with one process."""
     import torch
 
-    from offload_dist.checkpoint import load_checkpoint_offloaded
-    from offload_dist.dispatch import remove_dispatch
-
-    model = _demo_model(args.layers, args.seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(args.seed))
-    with torch.no_grad():
-        ref = model(ids).logits
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ok = True
-    with tempfile.TemporaryDirectory(prefix="offload-dist-demo-") as tmp:
-        model.save_pretrained(f"{tmp}/ckpt")
-        print(f"model: Llama, {args.layers} layers, {nbytes / 2**20:.1f} MiB of parameters, checkpoint in {tmp}/ckpt")
-        for tier in ("cpu", "disk"):
-            fresh = _demo_model(args.layers, args.seed + 1)  # other weights: the checkpoint must win
-            t0 = time.perf_counter()
-            load_checkpoint_offloaded(fresh, f"{tmp}/ckpt", {"": ("cpu", tier)}, offload_folder=f"{tmp}/offload")
-            load_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = fresh(ids).logits
-            fwd_s = time.perf_counter() - t0
-            same = torch.equal(out, ref)
-            ok &= same
-            print(f"  tier {tier:<4}  load {load_s * 1e3:7.1f} ms  forward {fwd_s * 1e3:7.1f} ms  "
-                  f"logits {'bit-identical' if same else 'DIFFER (max |diff| %.3g)' % (out - ref).abs().max()}")
-            remove_dispatch(fresh)
-    print("demo:", "OK" if ok else "FAILED")
-    return 0 if ok else 1
+    script = _example("quantize.py")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="offload-dist-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    common = ["--workdir", str(work / "work"), "--overwrite"]
+    steps = [
+        (f"{args.nproc} CPU ranks (torchrun)",
+         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+          str(script), "--out", str(work / "dist"), "--verify", *common]),
+        ("1 process, same data",
+         [sys.executable, str(script), "--out", str(work / "single"), "--data-ranks", str(args.nproc),
+          "--model", str(work / "work" / "model"), *common]),
+    ]
+    print(f"offload-dist demo: generated Llama, int8 weight quantization, work dir {work}")
+    for title, cmd in steps:
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        secs = time.perf_counter() - t0
+        lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith(("[rank", "saved"))]
+        print(f"  {title:<28} {secs:6.1f} s   exit {res.returncode}")
+        for ln in lines:
+            print(f"      {ln}")
+        if res.returncode:
+            print(res.stdout[-4000:], res.stderr[-4000:], sep="\n")
+            print("demo: FAILED")
+            return 1
+    dist_t, single_t = _load_shards(work / "dist"), _load_shards(work / "single")
+    same = dist_t.keys() == single_t.keys() and all(torch.equal(dist_t[k], single_t[k]) for k in dist_t)
+    nbytes = sum(t.numel() * t.element_size() for t in dist_t.values())
+    int8 = sum(1 for t in dist_t.values() if t.dtype == torch.int8)
+    print(f"  saved checkpoint: {len(dist_t)} tensors ({int8} int8 weights), {nbytes / 2**20:.2f} MiB, "
+          f"{len(list((work / 'dist').glob('*.safetensors')))} shards")
+    print(f"  {args.nproc}-rank result {'equals' if same else 'DIFFERS from'} the single-process result")
+    print("demo:", "OK" if same else "FAILED")
+    return 0 if same else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="offload-dist", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="run the main job on a generated small model and check the result")
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="run the main job on a generated small model (CPU ranks) and check it")
+    demo.add_argument("--nproc", type=int, default=2, help="CPU ranks")
+    demo.add_argument("--workdir", help="keep the files here (default: a new temporary directory)")
     demo.set_defaults(fn=cmd_demo)
     args = parser.parse_args(argv)
     return args.fn(args)
