@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import weakref
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
 
 from offload_dist.policy import OffloadPolicy, Tier
+from offload_dist.prefetch import PendingOnload, Prefetcher
 from offload_dist.tensors import FlatState, TensorLayout, copy_into, flatten_tensors, restore_tensor
 from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Segment, TierStore
 
@@ -111,12 +113,29 @@ class OffloadStore:
     def __init__(self, policy: OffloadPolicy | None = None, offload_folder: str | None = None):
         self.policy = policy or OffloadPolicy()
         self.offload_folder = offload_folder
+        self.prefetcher = Prefetcher(self.policy.prefetch_depth) if self.policy.prefetch_depth > 0 else None
         self._tiers: dict[tuple[Tier, torch.device | None], TierStore] = {}
         # Sharing table, alive only inside ``sharing()``: storage identity -> blob.
         # The originals are held so their identity cannot be reused meanwhile.
         self._shared_blobs: dict[tuple[int, int, int], Blob] | None = None
         self._shared_entries: dict[int, tuple[torch.Tensor, Entry]] | None = None
         self._pinned_originals: list[torch.Tensor] = []
+        # Tensors handed back by remove_module_offload, so that modules removed one call
+        # at a time get one tensor for an entry they share (ties survive): id(entry) ->
+        # (weakref to the entry, weakref to the tensor, its device or None for at rest).
+        # Weak both ways: it keeps neither the bytes nor the tensors alive.
+        self.removed: dict[int, tuple[weakref.ref, weakref.ref, torch.device | None]] = {}
+
+    def onload_for_forward(self, state: ModuleOffload, out: dict[Entry, torch.Tensor],
+                           blob_cache: dict[Blob, torch.Tensor] | None = None) -> None:
+        """Fills ``out`` with every tensor of ``state`` for its forward, using a prefetch
+        when one was started (see [Note: stream ordering])."""
+        entries = state.all_entries()
+        if self.prefetcher is None or all(e in out for e in entries):
+            state.onload_module(out, {} if blob_cache is None else blob_cache)
+            return
+        for e, t in self.prefetcher.take(state).items():
+            out.setdefault(e, t)
 
     def tier(self, tier: Tier, device: torch.device | None = None) -> TierStore:
         key = (tier, device if tier is Tier.DEVICE else None)
@@ -305,6 +324,34 @@ class ModuleOffload:
         """Onloads every tensor of the module together (at forward)."""
         self.onload_into(self.all_entries(), out, blob_cache)
 
+    def start_onload(self, prefetcher: Prefetcher | None) -> PendingOnload:
+        """Starts onloading every tensor of the module; see [Note: stream ordering]."""
+        from offload_dist.prefetch import PendingOnload
+
+        pending = PendingOnload(self)
+        blobs = list({id(b): b for e in self.all_entries() for b in e.blobs}.values())
+        stream = prefetcher.copy_stream(self.onload_device) if prefetcher is not None else None
+        from_disk = any(b.segment.tier is Tier.DISK for b in blobs)
+        if prefetcher is not None and from_disk:
+            pending.future = prefetcher.reader().submit(self._fetch_on, blobs, pending, stream)
+        else:
+            self._fetch_on(blobs, pending, stream)
+        return pending
+
+    def _fetch_on(self, blobs: list[Blob], pending: PendingOnload, stream) -> None:
+        if stream is None:
+            self.fetch_blobs(blobs, pending.blobs)
+            return
+        with torch.cuda.stream(stream):
+            self.fetch_blobs(blobs, pending.blobs)
+            event = torch.cuda.Event()
+            event.record(stream)
+        pending.event = event
+
+    def restore_from(self, blob_cache: dict[Blob, torch.Tensor]) -> dict[Entry, torch.Tensor]:
+        """The module's tensors as views of onloaded blobs."""
+        return {e: restore_tensor(e.layout, [blob_cache[b] for b in e.blobs]) for e in self.all_entries()}
+
     def at_rest(self, entry: Entry) -> torch.Tensor:
         """The tensor as it rests in its tier: views of CPU/device bytes, meta for disk."""
         storages = [b.segment.raw()[b.offset:b.offset + b.nbytes] for b in entry.blobs]
@@ -350,7 +397,7 @@ class ModuleOffload:
     def enter_forward(self) -> None:
         for scope in _KEEP.get():
             if scope.covers(self):
-                self.onload_module(scope.tensors, scope.blobs)
+                self.store.onload_for_forward(self, scope.tensors, scope.blobs)
                 with self._lock:
                     self._depth += 1
                 return
@@ -358,7 +405,7 @@ class ModuleOffload:
             self._depth += 1
             if self._frame is None:
                 frame: dict[Entry, torch.Tensor] = {}
-                self.onload_module(frame, {})
+                self.store.onload_for_forward(self, frame)
                 self._frame = frame
 
     def exit_forward(self) -> None:

@@ -9,6 +9,7 @@ onload one tensor at a time (see [Note: onload scopes] in :mod:`offload_dist.cac
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -93,6 +94,7 @@ def offload_module(
         raise TypeError(f"offload_module() needs an nn.Module, got {type(module).__name__}")
     label = name or type(module).__name__
     if is_offloaded(module):
+        label = name or get_offload_state(module).name  # the name it was offloaded under
         raise ValueError(f"module '{label}' is already offloaded; call remove_module_offload() first, or "
                          "set_onload_device() to change where it runs")
     onload = parse_device(onload_device)
@@ -153,6 +155,14 @@ def remove_module_offload(
     restored = {} if _restored is None else _restored
     blobs = {} if _blobs is None else _blobs
     entries = state.all_entries()
+    # An entry shared with a module removed earlier (tied weights) gets that tensor back.
+    where = state.onload_device if onload_tensors else None
+    removed = state.store.removed
+    for e in entries:
+        hit = removed.get(id(e))
+        t = hit[1]() if hit is not None and hit[0]() is e and hit[2] == where else None
+        if t is not None and e not in restored:
+            restored[e] = t
     if onload_tensors:
         state.onload_into(entries, restored, blobs)
     else:
@@ -169,6 +179,8 @@ def remove_module_offload(
                         blobs[b] = b.segment.raw()[b.offset:b.offset + b.nbytes]
                 storages.append(blobs[b])
             restored[e] = restore_tensor(e.layout, storages)
+    for e in entries:
+        removed[id(e)] = (weakref.ref(e), weakref.ref(restored[e]), where)
     for h in state.hooks:
         h.remove()
     for kind in ("_parameters", "_buffers"):
@@ -313,21 +325,25 @@ def offload_model(
         raise TypeError(f"offload_model() needs an nn.Module, got {type(model).__name__}")
     store = OffloadStore(policy, offload_folder)
     done: list[nn.Module] = []
-    try:
-        with store.sharing():
+    with store.sharing():
+        try:
             for name, m in model.named_modules():
                 if not is_offloaded(m) and (m._parameters or m._buffers):
                     offload_module(m, onload_device, offload_device, name=name or type(m).__name__, store=store)
                     done.append(m)
-    except BaseException:
-        _undo(done)
-        raise
+        except BaseException:
+            _undo(done, store)
+            raise
     return model
 
 
-def _undo(modules: list[nn.Module]) -> None:
-    """Puts back modules offloaded by a call that failed part-way, ties included."""
-    restored: dict[Entry, torch.Tensor] = {}
+def _undo(modules: list[nn.Module], store: OffloadStore) -> None:
+    """Puts back modules offloaded by a call that failed part-way, ties included.
+
+    Must run inside ``store.sharing()``: its table gives back the original tensor
+    objects, so ties to modules not offloaded yet (and callers' references) survive.
+    """
+    restored: dict[Entry, torch.Tensor] = {e: t for t, e in (store._shared_entries or {}).values()}
     blobs: dict[Blob, torch.Tensor] = {}
     for m in modules:
         remove_module_offload(m, _restored=restored, _blobs=blobs)

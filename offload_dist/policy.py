@@ -38,10 +38,17 @@ class OffloadPolicy:
         pin_memory: pin host buffers of the cpu tier. ``None`` means pin when CUDA is
             available (pinning without a GPU gains nothing).
         non_blocking: issue host->device copies asynchronously from pinned memory.
+        prefetch_depth: how many modules ahead of the running one to start onloading
+            (see [Note: stream ordering]); 0 onloads each module when it starts.
     """
 
     pin_memory: bool | None = None
     non_blocking: bool = True
+    prefetch_depth: int = 2
+
+    def __post_init__(self) -> None:
+        if self.prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
 
     def should_pin(self) -> bool:
         if self.pin_memory is None:

@@ -112,6 +112,29 @@ class DistModuleOffload(ModuleOffload):
             if e not in out:
                 out[e] = restore_tensor(e.layout, [blob_cache[b] for b in e.blobs])
 
+    def start_onload(self, prefetcher):
+        """Starts the broadcast of this module from its owner (see [Note: stream ordering])."""
+        import contextlib
+
+        from offload_dist.prefetch import PendingOnload
+
+        pending = PendingOnload(self)
+        blobs = wire_blobs(self.all_entries())
+        offsets, total = wire_offsets(blobs)
+        stream = prefetcher.copy_stream(self.onload_device) if prefetcher is not None else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if self.is_owner:
+                buf = self._owner_wire_buffer(blobs, offsets, total)
+            else:
+                buf = torch.empty(total, dtype=torch.uint8, device=self.onload_device)
+            pending.work = collectives.broadcast_bytes_async(buf, self.owner, self.group, tag=self.name)
+            if stream is not None:
+                pending.event = torch.cuda.Event()
+                pending.event.record(stream)
+        for b, off in zip(blobs, offsets):
+            pending.blobs[b] = buf[off:off + b.nbytes]
+        return pending
+
     def _owner_wire_buffer(self, blobs: list[Blob], offsets: list[int], total: int) -> torch.Tensor:
         seg = blobs[0].segment if blobs else None
         base = blobs[0].offset if blobs else 0

@@ -1,0 +1,126 @@
+"""Prefetch: while module i runs, the next modules are already on their way.
+
+[Note: stream ordering]
+A :class:`Prefetcher` belongs to one store (one model). It learns the execution order
+as it goes: each forward records "B ran after A" (the last successor wins, so a changed
+order, e.g. MoE routing or control flow, is learnt again and stays correct, only a
+prefetch is wasted). When module A starts, the onloads of the ``depth`` modules
+predicted to follow are *started*:
+
+* the copy stream (one per device, owned by the prefetcher) allocates the device
+  buffer and issues the host->device copies (``non_blocking`` from pinned memory), then
+  records an event. It overlaps with the compute of the current module;
+* in a distributed job the same buffer is then broadcast from the owner with an
+  asynchronous collective issued while the copy stream is current, so NCCL waits for
+  the copy; every rank predicts the same modules, so every rank issues the same
+  collectives in the same order;
+* disk-tier segments are read by a worker thread into pinned memory first.
+
+When a predicted module starts, the compute stream waits for its event (or collective)
+and every buffer is marked as used by the compute stream (``record_stream``), so the
+caching allocator cannot hand its memory to the copy stream before the compute that
+reads it has finished. A prediction not taken within ``depth`` steps is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from offload_dist.cache import Blob, Entry, ModuleOffload
+
+__all__ = ["Prefetcher", "PendingOnload"]
+
+
+@dataclass
+class PendingOnload:
+    """An onload that was started and not yet waited for."""
+
+    state: ModuleOffload
+    blobs: dict[Blob, torch.Tensor] = field(default_factory=dict)
+    event: torch.cuda.Event | None = None  # recorded on the copy stream after the copies
+    work: Any = None  # an async collective handle (distributed), waited for in finish()
+    future: Future | None = None  # a disk read running on the worker thread
+
+    def finish(self) -> dict[Entry, torch.Tensor]:
+        """Makes the current stream wait for the onload and returns the module's tensors."""
+        if self.future is not None:
+            self.future.result()
+        if self.work is not None:
+            self.work.wait()
+        if self.event is not None:
+            stream = torch.cuda.current_stream(self.event.device if hasattr(self.event, "device") else None)
+            stream.wait_event(self.event)
+            for t in self.blobs.values():
+                if t.device.type == "cuda":
+                    t.record_stream(stream)
+        return self.state.restore_from(self.blobs)
+
+
+class Prefetcher:
+    """Learns execution order and starts onloads ahead (see [Note: stream ordering]).
+
+    Args:
+        depth: how many modules ahead to start; 0 disables prefetching.
+    """
+
+    def __init__(self, depth: int):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self.depth = depth
+        self._next: dict[int, ModuleOffload] = {}  # id(state) -> the state that ran after it last
+        self._last: ModuleOffload | None = None
+        self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._reader: ThreadPoolExecutor | None = None
+
+    def copy_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The side stream on which onloads to ``device`` are issued (None off CUDA)."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def reader(self) -> ThreadPoolExecutor:
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="offload_dist-read")
+        return self._reader
+
+    def take(self, state: ModuleOffload) -> dict[Entry, torch.Tensor]:
+        """The tensors of ``state`` for its forward: from a prefetch, or onloaded now."""
+        pending = self._pending.pop(id(state), None)
+        if pending is None:
+            pending = state.start_onload(self)
+        # Learn the order, then look ahead.
+        if self._last is not None and self._last is not state:
+            self._next[id(self._last)] = state
+        self._last = state
+        self._look_ahead(state)
+        return pending.finish()
+
+    def _look_ahead(self, state: ModuleOffload) -> None:
+        wanted: list[ModuleOffload] = []
+        cur = state
+        for _ in range(self.depth):
+            cur = self._next.get(id(cur))
+            if cur is None or cur is state or cur in wanted:
+                break
+            wanted.append(cur)
+        # Drop predictions that fell out of the window (oldest first; same on every rank).
+        keep = {id(s) for s in wanted}
+        for key in [k for k in self._pending if k not in keep]:
+            self._pending.pop(key).finish()  # waited for, then freed: never left in flight
+        for s in wanted:
+            if id(s) not in self._pending and s._frame is None:
+                self._pending[id(s)] = s.start_onload(self)
+
+    def drain(self) -> None:
+        """Waits for and drops every started onload."""
+        while self._pending:
+            self._pending.popitem(last=False)[1].finish()
