@@ -40,15 +40,21 @@ class OffloadPolicy:
         non_blocking: issue host->device copies asynchronously from pinned memory.
         prefetch_depth: how many modules ahead of the running one to start onloading
             (see [Note: stream ordering]); 0 onloads each module when it starts.
+        pin_method: ``"register"`` pins exact-size allocations in place
+            (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
+            (see [Note: pinning]).
     """
 
     pin_memory: bool | None = None
     non_blocking: bool = True
     prefetch_depth: int = 2
+    pin_method: str = "register"
 
     def __post_init__(self) -> None:
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.pin_method not in ("register", "alloc"):
+            raise ValueError(f"pin_method must be 'register' or 'alloc', got {self.pin_method!r}")
 
     def should_pin(self) -> bool:
         if self.pin_memory is None:

@@ -1,6 +1,23 @@
-"""The cpu tier: host memory, pinned when CUDA is present."""
+"""The cpu tier: host memory, pinned when CUDA is present.
+
+[Note: pinning]
+Two ways to pin, chosen by ``OffloadPolicy.pin_method``:
+
+* ``"register"`` (default): allocate ordinary host memory of exactly the segment's
+  size and pin it in place with ``cudaHostRegister``. No rounding, so host memory for
+  the offloaded weights stays at their size. The registration is dropped when the
+  segment is collected, after a device synchronisation, so no copy that is still in
+  flight reads unpinned memory; views handed out earlier stay valid (pageable).
+* ``"alloc"``: ``torch.empty(..., pin_memory=True)``: PyTorch's caching host allocator,
+  which rounds each allocation up to a power of two and keeps freed blocks cached.
+
+If pinning fails (``ulimit -l``, no driver), the tier says so once and continues with
+pageable memory: the bytes are the same, copies are slower.
+"""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -14,10 +31,10 @@ _log = get_logger()
 class CpuSegment(Segment):
     tier = Tier.CPU
 
-    def __init__(self, data: torch.Tensor):
-        self.data = data  # 1D uint8, CPU, pinned when the policy asks and pinning works
+    def __init__(self, data: torch.Tensor, pinned: bool = False):
+        self.data = data  # 1D uint8, CPU; pinned (page-locked) when ``pinned``
         self.nbytes = data.numel()
-        self.pinned = data.is_pinned() if torch.cuda.is_available() else False
+        self.pinned = pinned
 
     def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
         view = self.data[start:end]
@@ -33,8 +50,16 @@ class CpuSegment(Segment):
         self.data[start:start + data.numel()].copy_(data.reshape(-1).view(torch.uint8))
 
 
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already
+        pass
+
+
 class CpuTier(TierStore):
-    """Allocates cpu-tier segments according to an :class:`OffloadPolicy`."""
+    """Allocates cpu-tier segments according to an :class:`OffloadPolicy` (see [Note: pinning])."""
 
     tier = Tier.CPU
 
@@ -43,10 +68,19 @@ class CpuTier(TierStore):
         self._pin = self.policy.should_pin()
 
     def allocate(self, nbytes: int, label: str) -> CpuSegment:
-        if self._pin:
+        if self._pin and nbytes > 0:
             try:
-                return CpuSegment(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
-            except RuntimeError as e:
+                if self.policy.pin_method == "alloc":
+                    return CpuSegment(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), pinned=True)
+                data = torch.empty(nbytes, dtype=torch.uint8)
+                ptr = data.data_ptr()
+                err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+                if int(err) != 0:
+                    raise RuntimeError(f"cudaHostRegister returned {err}")
+                seg = CpuSegment(data, pinned=True)
+                weakref.finalize(seg, _unregister, ptr)
+                return seg
+            except (RuntimeError, AssertionError) as e:  # no driver, memlock limit, CPU-only build
                 # Pinning is an optimisation: the bytes are the same, copies are slower.
                 _log.warning("pinning %d bytes for %s failed (%s); using pageable memory for the cpu tier "
                              "from now on (check `ulimit -l`)", nbytes, label, e)
