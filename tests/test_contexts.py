@@ -1,0 +1,477 @@
+"""The read/write contexts and helpers of one offloaded module, in one process.
+
+Onloads are counted by wrapping ``ModuleOffload.fetch_blobs`` (the one place bytes leave
+a tier): the counter records, per thread, how many blobs (offloaded storages: one per
+parameter here) were actually read.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import os
+import threading
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import input_ids, tiny_tied
+from torch import nn
+
+from offload_dist import (disable_offloading, disable_onloading, get_execution_device, get_offloaded_device,
+                          offload_model, offload_module, register_offload_module, remove_module_offload,
+                          set_onload_device, update_offload_parameter)
+from offload_dist.cache import ModuleOffload, OffloadCache
+from offload_dist.module import get_offload_state
+from offload_dist.policy import Tier
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Reads:
+    """Blobs read from a tier, per thread."""
+
+    def __init__(self):
+        self.by_thread: collections.Counter[int] = collections.Counter()
+        self.lock = threading.Lock()
+
+    @property
+    def n(self) -> int:
+        return self.by_thread[threading.get_ident()]
+
+
+@pytest.fixture
+def reads(monkeypatch) -> Reads:
+    counter = Reads()
+    original = ModuleOffload.fetch_blobs
+
+    def counting(self, blobs, cache):
+        before = len(cache)
+        original(self, blobs, cache)
+        with counter.lock:
+            counter.by_thread[threading.get_ident()] += len(cache) - before
+
+    monkeypatch.setattr(ModuleOffload, "fetch_blobs", counting)
+    return counter
+
+
+@pytest.fixture
+def folder(tmp_path) -> str:
+    return str(tmp_path / "offload")
+
+
+def _linear(tier: str = "cpu", folder: str | None = None, seed: int = 0, name: str = "lin") -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(8, 4)
+    offload_module(lin, "cpu", tier, name=name, offload_folder=folder)
+    return lin
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+# -- disable_offloading ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_reads_same_inside_fresh_outside(tier, folder, reads):
+    lin = _linear(tier, folder)
+    a, b = lin.weight, lin.weight
+    assert a is not b and torch.equal(a, b)
+    assert reads.n == 2
+    with disable_offloading():
+        c, d = lin.weight, lin.weight
+        assert c is d and torch.equal(c, a)
+        assert reads.n == 3
+        assert lin.bias is lin.bias
+        assert reads.n == 4
+    e = lin.weight
+    assert e is not c and reads.n == 5
+
+
+def _forward_reads(reads: Reads, model: nn.Module, x: torch.Tensor) -> int:
+    n = reads.n
+    with torch.no_grad():
+        model(x)
+    return reads.n - n
+
+
+def test_forward_inside_holds_tensors(reads):
+    # Counts are taken once the model ran a few times, so that a prefetcher that learns
+    # the execution order (and starts the next forward's first module early) is in its
+    # steady state: every blob is read once per forward, whoever reads it.
+    mlp = _mlp()
+    x = torch.randn(3, 8)
+    ref = mlp(x).detach()
+    offload_model(mlp, "cpu", "cpu")
+    for _ in range(3):
+        _forward_reads(reads, mlp, x)
+    assert _forward_reads(reads, mlp, x) == 4  # weight and bias of two Linears
+
+    with torch.no_grad(), disable_offloading():
+        first = _forward_reads(reads, mlp, x)
+        assert first <= 4
+        assert torch.equal(mlp(x), ref)
+        assert _forward_reads(reads, mlp, x) == 0  # everything is held
+        n = reads.n
+        w = mlp[0].weight  # held since the forward: no new read
+        assert reads.n == n
+        assert w is mlp[0].weight
+    for _ in range(2):
+        _forward_reads(reads, mlp, x)
+    assert _forward_reads(reads, mlp, x) == 4  # released: read at every forward again
+
+
+def test_released_on_exit(reads):
+    lin = _linear()
+    with disable_offloading():
+        held = weakref.ref(lin.weight)
+        with torch.no_grad():
+            lin(torch.ones(1, 8))
+        assert held() is not None
+        assert held() is lin.weight
+    gc.collect()
+    assert held() is None
+    assert get_offload_state(lin)._frame is None
+
+
+def test_nested_inner_exit_keeps_outer(reads):
+    lin_a, lin_b = _linear(name="a"), _linear(seed=1, name="b")
+    with disable_offloading():
+        a = lin_a.weight
+        with disable_offloading():
+            assert lin_a.weight is a  # the outer scope holds it; the inner one does not read again
+            b = lin_b.weight  # first read inside the inner scope: the outer scope holds it
+            n = reads.n
+        assert lin_a.weight is a and lin_b.weight is b
+        assert reads.n == n
+    ra, rb = weakref.ref(a), weakref.ref(b)
+    del a, b
+    gc.collect()
+    assert ra() is None and rb() is None
+
+
+def test_nested_inner_scope_for_other_model_releases_on_inner_exit(reads):
+    lin_a, lin_b = _linear(name="a"), _linear(seed=1, name="b")
+    with disable_offloading(lin_a):
+        a = lin_a.weight
+        with disable_offloading(lin_b):
+            b = lin_b.weight
+            assert lin_b.weight is b and lin_a.weight is a
+        ref_b = weakref.ref(b)
+        del b
+        gc.collect()
+        assert ref_b() is None  # held by the inner scope only
+        assert lin_a.weight is a  # still held by the outer scope
+        assert lin_b.weight is not lin_b.weight
+
+
+def test_exception_inside_releases(reads):
+    lin = _linear()
+    with pytest.raises(RuntimeError, match="boom"):
+        with disable_offloading():
+            held = weakref.ref(lin.weight)
+            raise RuntimeError("boom")
+    gc.collect()
+    assert held() is None
+    assert lin.weight is not lin.weight
+
+
+def test_exception_in_forward_inside_scope_releases(reads):
+    lin = _linear()
+    state = get_offload_state(lin)
+    with pytest.raises(RuntimeError):
+        with disable_offloading():
+            held = weakref.ref(lin.weight)
+            lin(torch.ones(2, 3))  # wrong width
+    gc.collect()
+    assert held() is None
+    assert state._frame is None and state._depth == 0
+    with pytest.raises(RuntimeError):
+        lin(torch.ones(2, 3))  # outside a scope the frame is dropped too
+    assert state._frame is None and state._depth == 0
+    assert lin(torch.ones(2, 8)).shape == (2, 4)
+
+
+def test_scope_limited_to_one_model(reads):
+    model_a, model_b = _mlp(0), _mlp(1)
+    offload_model(model_a, "cpu", "cpu")
+    offload_model(model_b, "cpu", "cpu")
+    x = torch.ones(1, 8)
+    for _ in range(3):  # steady state (see test_forward_inside_holds_tensors)
+        _forward_reads(reads, model_b, x)
+    with disable_offloading(model_a):
+        assert model_a[0].weight is model_a[0].weight
+        assert model_b[0].weight is not model_b[0].weight
+        _forward_reads(reads, model_a, x)
+        assert _forward_reads(reads, model_a, x) == 0  # held
+        assert _forward_reads(reads, model_b, x) == 4  # not covered: read at every forward
+        assert _forward_reads(reads, model_b, x) == 4
+        assert model_a[2].bias is model_a[2].bias
+
+
+def test_scope_covers_only_modules_offloaded_at_entry(reads):
+    lin = nn.Linear(8, 4)
+    with disable_offloading(lin):
+        offload_module(lin, "cpu", "cpu", name="late")
+        assert lin.weight is not lin.weight
+
+
+def test_other_thread_sees_no_hits(reads):
+    lin = _linear()
+    inside, done = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def thread_b():
+        inside.wait(10)
+        before = reads.n
+        w1, w2 = lin.weight, lin.weight
+        seen["distinct"] = w1 is not w2
+        seen["reads"] = reads.n - before
+        done.set()
+
+    tb = threading.Thread(target=thread_b)
+    tb.start()
+    with disable_offloading():
+        held = lin.weight
+        inside.set()
+        assert done.wait(10)
+        assert lin.weight is held
+    tb.join(10)
+    assert seen == {"distinct": True, "reads": 2}
+
+
+def test_other_thread_scope_does_not_leak(reads):
+    lin = _linear()
+    inside, checked = threading.Event(), threading.Event()
+
+    def thread_a():
+        with disable_offloading():
+            assert lin.weight is lin.weight
+            inside.set()
+            checked.wait(10)
+
+    ta = threading.Thread(target=thread_a)
+    ta.start()
+    assert inside.wait(10)
+    try:
+        before = reads.n
+        assert lin.weight is not lin.weight
+        assert reads.n == before + 2
+    finally:
+        checked.set()
+        ta.join(10)
+
+
+# -- disable_onloading -----------------------------------------------------------------
+
+
+def test_disable_onloading_cpu_views_at_rest(reads):
+    lin = _linear()
+    before = lin.weight.detach().clone()
+    n = reads.n
+    with disable_onloading():
+        w = lin.weight
+        assert w.device.type == "cpu" and w.shape == (4, 8)
+        assert reads.n == n  # nothing moved
+        with torch.no_grad():
+            w.mul_(2)
+            lin.bias.zero_()
+    assert torch.equal(lin.weight, before * 2)
+    assert torch.equal(lin.bias, torch.zeros(4))
+    assert torch.equal(lin(torch.ones(1, 8)), F.linear(torch.ones(1, 8), before * 2))
+
+
+def test_disable_onloading_disk_gives_meta(folder, reads):
+    lin = _linear("disk", folder)
+    n = reads.n
+    with disable_onloading():
+        w, b = lin.weight, lin.bias
+        assert w.is_meta and w.shape == (4, 8) and w.dtype == torch.float32
+        assert b.is_meta and b.shape == (4,)
+        assert isinstance(w, nn.Parameter)
+    assert reads.n == n
+    assert not lin.weight.is_meta
+
+
+def test_disable_onloading_limited_to_model(reads):
+    lin_a, lin_b = _linear("cpu", name="a"), _linear("cpu", name="b")
+    with disable_onloading(lin_a):
+        n = reads.n
+        lin_a.weight
+        assert reads.n == n
+        lin_b.weight
+        assert reads.n == n + 1
+
+
+# -- writes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_assign_parameter_offloads_new_shape(tier, folder, reads):
+    lin = _linear(tier, folder)
+    new_w = nn.Parameter(torch.randn(6, 8))
+    new_b = nn.Parameter(torch.randn(6))
+    lin.weight = new_w
+    lin.bias = new_b
+    state = get_offload_state(lin)
+    assert isinstance(lin._parameters, OffloadCache)
+    assert list(lin._parameters) == ["weight", "bias"]
+    entry = state.entries["_parameters"]["weight"]
+    assert tuple(entry.layout.shape) == (6, 8)
+    want = Tier.CPU if tier == "cpu" else Tier.DISK
+    assert all(b.segment.tier is want for b in entry.blobs)
+    if tier == "disk":
+        assert len(os.listdir(folder)) >= 2
+    x = torch.randn(3, 8)
+    assert torch.equal(lin(x), F.linear(x, new_w, new_b))
+    assert lin.weight.shape == (6, 8) and lin.weight is not new_w
+    with torch.no_grad():  # the offloaded copy is independent of the assigned tensor
+        new_w.zero_()
+    assert not torch.equal(lin.weight, new_w)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_update_offload_parameter(tier, folder, reads):
+    lin = _linear(tier, folder)
+    w = torch.arange(32, dtype=torch.float32).reshape(4, 8)
+    update_offload_parameter(lin, "weight", w)
+    assert torch.equal(lin.weight, w)
+    with disable_offloading():
+        held = lin.weight
+        update_offload_parameter(lin, "weight", w + 1)
+        assert lin.weight is held and torch.equal(held, w + 1)
+    assert torch.equal(lin.weight, w + 1)
+    x = torch.randn(2, 8)
+    assert torch.equal(lin(x), F.linear(x, w + 1, lin.bias))
+    with pytest.raises(ValueError, match="shape"):
+        update_offload_parameter(lin, "weight", torch.zeros(5, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        update_offload_parameter(lin, "weight", w.double())
+    with pytest.raises(AttributeError):
+        update_offload_parameter(lin, "nope", w)
+    assert torch.equal(lin.weight, w + 1)
+
+
+def test_update_offload_parameter_nested_name_and_plain_module():
+    mlp = _mlp()
+    offload_module(mlp[2], "cpu", "cpu", name="2")
+    update_offload_parameter(mlp, "2.bias", torch.full((4,), 3.0))
+    update_offload_parameter(mlp, "0.bias", torch.full((16,), 2.0))  # not offloaded: plain in-place write
+    assert torch.equal(mlp[2].bias, torch.full((4,), 3.0))
+    assert torch.equal(mlp[0].bias, torch.full((16,), 2.0))
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_update_tied_weight_updates_both(tier, folder):
+    model = tiny_tied()
+    offload_model(model, "cpu", tier, offload_folder=folder)
+    new = torch.randn_like(model.lm_head.weight)
+    with disable_offloading():
+        held_embed = model.model.embed_tokens.weight
+        update_offload_parameter(model, "lm_head.weight", new)
+        assert torch.equal(held_embed, new)
+    assert torch.equal(model.model.embed_tokens.weight, new)
+    assert torch.equal(model.lm_head.weight, new)
+    ids = input_ids(1, 4)
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+        assert torch.equal(model(ids).logits, F.linear(hidden, new))
+        assert torch.equal(model.model.embed_tokens(ids), F.embedding(ids, new))
+    if tier == "disk":
+        gc.collect()
+        n_files = len(os.listdir(folder))
+        update_offload_parameter(model, "lm_head.weight", new * 2)
+        gc.collect()  # the rewritten file replaces the old one
+        assert len(os.listdir(folder)) == n_files
+        assert torch.equal(model.model.embed_tokens.weight, new * 2)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_register_offload_module(tier, folder):
+    base = _mlp()
+    offload_module(base[0], "cpu", tier, name="base.0", offload_folder=folder)
+    torch.manual_seed(5)
+    child = nn.Linear(16, 16)
+    ref_w = child.weight.detach().clone()
+    register_offload_module(base[0], "adapter", child)
+    assert base[0].adapter is child
+    state = get_offload_state(child)
+    assert state is not None and state.name == "base.0.adapter"
+    assert state.store is get_offload_state(base[0]).store
+    assert get_offloaded_device(child) == get_offloaded_device(base[0])
+    assert torch.equal(child.weight, ref_w)
+    x = torch.randn(2, 16)
+    assert torch.equal(child(x), F.linear(x, ref_w, child.bias))
+
+    plain = nn.Linear(2, 2)
+    register_offload_module(base[1], "extra", plain)  # base[1] is not offloaded
+    assert base[1].extra is plain and get_offload_state(plain) is None
+
+
+def test_set_onload_device():
+    mlp = _mlp()
+    x = torch.randn(2, 8)
+    ref = mlp(x).detach()
+    offload_model(mlp, "cpu", "cpu")
+    set_onload_device(mlp, "meta")
+    assert get_execution_device(mlp) == torch.device("meta")
+    assert mlp[0].weight.is_meta
+    assert mlp(x).is_meta  # the inputs were moved to the onload device
+    assert get_offloaded_device(mlp[0]) == torch.device("cpu")
+    set_onload_device(mlp, torch.device("cpu"))
+    assert get_execution_device(mlp) == torch.device("cpu")
+    assert torch.equal(mlp(x), ref)
+    with pytest.raises(ValueError, match="disk"):
+        set_onload_device(mlp, "disk")
+
+
+def test_execution_and_offloaded_device(folder):
+    cpu_lin = _linear("cpu", name="c")
+    disk_lin = _linear("disk", folder, name="d")
+    dev_lin = _linear(name="x")
+    remove_module_offload(dev_lin)
+    offload_module(dev_lin, "cpu", Tier.DEVICE, name="x")  # the device tier: stays where it is
+    with torch.device("meta"):
+        meta_lin = nn.Linear(8, 4)
+    offload_module(meta_lin, "meta", "meta", name="m")
+    plain = nn.Linear(2, 2)
+
+    assert get_execution_device(cpu_lin) == torch.device("cpu")
+    assert get_offloaded_device(cpu_lin) == torch.device("cpu")
+    assert get_offload_state(cpu_lin).tier.tier is Tier.CPU
+    assert get_execution_device(disk_lin) == torch.device("cpu")
+    assert get_offloaded_device(disk_lin) == "disk"
+    assert get_offload_state(disk_lin).tier.tier is Tier.DISK
+    assert get_execution_device(dev_lin) == torch.device("cpu")
+    assert get_offloaded_device(dev_lin) == torch.device("cpu")
+    assert get_offload_state(dev_lin).tier.tier is Tier.DEVICE
+    assert get_execution_device(meta_lin) == torch.device("meta")
+    assert get_offloaded_device(meta_lin) == torch.device("meta")
+    assert get_offload_state(meta_lin).tier.tier is Tier.DEVICE
+    assert get_execution_device(plain) == torch.device("cpu")
+    assert get_offloaded_device(plain) == torch.device("cpu")
+    # A container reports the onload device of its offloaded members.
+    wrapper = nn.Sequential(nn.ReLU(), meta_lin)
+    assert get_execution_device(wrapper) == torch.device("meta")
+
+
+def test_offload_twice_raises_naming_module():
+    lin = _linear(name="model.layers.3.mlp")
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp"):
+        offload_module(lin, "cpu", "cpu")
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp.*already offloaded"):
+        offload_module(lin, "cpu", "cpu", name="model.layers.3.mlp")
+    model = tiny_tied()
+    offload_model(model, "cpu", "cpu")
+    with pytest.raises(ValueError, match=r"'lm_head'.*already offloaded"):
+        offload_module(model.lm_head, "cpu", "cpu")
+    # The failed calls changed nothing.
+    assert get_offload_state(lin).name == "model.layers.3.mlp"
+    assert lin(torch.ones(1, 8)).shape == (1, 4)
