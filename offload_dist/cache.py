@@ -348,6 +348,11 @@ class ModuleOffload:
             event.record(stream)
         pending.event = event
 
+    def is_held(self) -> bool:
+        """True when a ``disable_offloading`` scope of this thread holds every tensor."""
+        entries = self.all_entries()
+        return any(scope.covers(self) and all(e in scope.tensors for e in entries) for scope in _KEEP.get())
+
     def restore_from(self, blob_cache: dict[Blob, torch.Tensor]) -> dict[Entry, torch.Tensor]:
         """The module's tensors as views of onloaded blobs."""
         return {e: restore_tensor(e.layout, [blob_cache[b] for b in e.blobs]) for e in self.all_entries()}
@@ -416,7 +421,13 @@ class ModuleOffload:
                 self._frame = None
 
     # -- writes --------------------------------------------------------------------------
+    def before_write(self) -> None:
+        """Drops a prefetch of this module: its bytes are about to change."""
+        if self.store.prefetcher is not None:
+            self.store.prefetcher.discard(self)
+
     def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
+        self.before_write()
         old = self.entries[kind].get(name)
         if value is None:
             self.entries[kind][name] = None
@@ -446,6 +457,7 @@ class ModuleOffload:
         entry = self.entries[kind].get(name)
         if entry is None:
             raise KeyError(f"{self._label(name)} does not exist or is None; assign it instead")
+        self.before_write()
         what = self._label(name)
         if all(b.segment.tier is not Tier.DISK for b in entry.blobs):
             copy_into(self.at_rest(entry), data, what)

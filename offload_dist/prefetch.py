@@ -20,6 +20,14 @@ When a predicted module starts, the compute stream waits for its event (or colle
 and every buffer is marked as used by the compute stream (``record_stream``), so the
 caching allocator cannot hand its memory to the copy stream before the compute that
 reads it has finished. A prediction not taken within ``depth`` steps is dropped.
+
+Only modules that have not run yet in the current *pass* are prefetched; a pass ends
+when a module runs a second time. Prefetched bytes are therefore never older than the
+last run of their module, so an update between two runs (calibrate a layer, quantize
+it, run it again) is never hidden by a stale prefetch; an update to a module that is
+being prefetched drops that prefetch (single process) or raises (distributed, where
+dropping on one rank alone would desynchronise the collectives). Modules whose tensors
+a ``disable_offloading`` scope already holds are not prefetched.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ class Prefetcher:
         self.depth = depth
         self._next: dict[int, ModuleOffload] = {}  # id(state) -> the state that ran after it last
         self._last: ModuleOffload | None = None
+        self._ran: set[int] = set()  # ids of the states that ran in the current pass
         self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._reader: ThreadPoolExecutor | None = None
@@ -101,15 +110,27 @@ class Prefetcher:
         if self._last is not None and self._last is not state:
             self._next[id(self._last)] = state
         self._last = state
+        if id(state) in self._ran:
+            self._ran.clear()  # a new pass
+        self._ran.add(id(state))
         self._look_ahead(state)
         return pending.finish()
+
+    def is_pending(self, state: ModuleOffload) -> bool:
+        return id(state) in self._pending
+
+    def discard(self, state: ModuleOffload) -> None:
+        """Waits for and drops a started onload of ``state`` (its bytes changed)."""
+        pending = self._pending.pop(id(state), None)
+        if pending is not None:
+            pending.finish()
 
     def _look_ahead(self, state: ModuleOffload) -> None:
         wanted: list[ModuleOffload] = []
         cur = state
         for _ in range(self.depth):
             cur = self._next.get(id(cur))
-            if cur is None or cur is state or cur in wanted:
+            if cur is None or id(cur) in self._ran or cur in wanted:
                 break
             wanted.append(cur)
         # Drop predictions that fell out of the window (oldest first; same on every rank).
@@ -117,7 +138,7 @@ class Prefetcher:
         for key in [k for k in self._pending if k not in keep]:
             self._pending.pop(key).finish()  # waited for, then freed: never left in flight
         for s in wanted:
-            if id(s) not in self._pending and s._frame is None:
+            if id(s) not in self._pending and s._frame is None and not s.is_held():
                 self._pending[id(s)] = s.start_onload(self)
 
     def drain(self) -> None:

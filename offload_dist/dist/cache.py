@@ -34,13 +34,17 @@ from offload_dist.policy import Tier
 from offload_dist.tensors import aligned_offsets, restore_tensor
 from offload_dist.tiers.base import Segment, TierStore
 
-__all__ = ["DistModuleOffload", "RemoteSegment", "NotOwnerError", "wire_blobs", "wire_offsets"]
+__all__ = ["DistModuleOffload", "RemoteSegment", "NotOwnerError", "WriteConflictError", "wire_blobs", "wire_offsets"]
 
 _log = get_logger()
 
 
 class NotOwnerError(RuntimeError):
     """A write to a module's offloaded copy on a rank that does not own it."""
+
+
+class WriteConflictError(RuntimeError):
+    """A write to a module whose bytes are being broadcast ahead of its forward."""
 
 
 class RemoteSegment(Segment):
@@ -161,6 +165,12 @@ class DistModuleOffload(ModuleOffload):
                          "read it inside a forward or on the owner", self.name, self.owner)
         return restore_tensor(entry.layout, [torch.empty(b.nbytes, dtype=torch.uint8, device="meta")
                                              for b in entry.blobs])
+
+    def before_write(self) -> None:
+        prefetcher = self.store.prefetcher
+        if prefetcher is not None and prefetcher.is_pending(self):
+            raise WriteConflictError(f"[rank {self.rank}] module '{self.name}' is being broadcast ahead of its forward; "
+                                "update it before the forward that precedes it starts, or between passes")
 
     def update(self, kind: str, name: str, data: torch.Tensor) -> None:
         if not self.is_owner:
