@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inter", type=int, default=14336)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--only", default="", help="comma-separated config names to run (default: all)")
+    p.add_argument("--only", default="", help="semicolon-separated config names to run (default: all)")
     p.add_argument("--timeout", type=float, default=300)
     a = p.parse_args()
     if a.quick:
@@ -120,7 +120,7 @@ def main() -> None:
         ("offload_dist 1 proc disk (cold), prefetch 2", [py, *od, "--device-map", "disk"], 1, True),
         (f"offload_dist {a.nproc} ranks disk (cold), prefetch 2", [*trun, *od, "--device-map", "disk"], a.nproc, True),
     ]
-    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    only = {s.strip() for s in a.only.split(";") if s.strip()}
     results = {"bytes": nbytes, "configs": {}}
     for name, cmd, ranks, cold in configs:
         if only and name not in only:

@@ -69,10 +69,11 @@ def main(argv=None) -> None:
 
     if args.verify:
         ids = torch.randint(0, model.config.vocab_size, (2, args.seq), generator=torch.Generator().manual_seed(99))
+        device = od.get_execution_device(model)
         with torch.no_grad():
-            got = model(ids.to(od.get_execution_device(model)), use_cache=False).logits.cpu()
-            plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
-            want = plain(ids, use_cache=False).logits
+            got = model(ids.to(device), use_cache=False).logits.cpu()
+            plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval().to(device)
+            want = plain(ids.to(device), use_cache=False).logits.cpu()
         if not torch.equal(got, want):
             raise SystemExit(f"[rank {ctx.rank}] offloaded logits differ from the plain model's "
                              f"(max |diff| {(got - want).abs().max():.3g})")

@@ -62,7 +62,7 @@ class PendingOnload:
         if self.work is not None:
             self.work.wait()
         if self.event is not None:
-            stream = torch.cuda.current_stream(self.event.device if hasattr(self.event, "device") else None)
+            stream = torch.cuda.current_stream(self.state.onload_device)
             stream.wait_event(self.event)
             for t in self.blobs.values():
                 if t.device.type == "cuda":

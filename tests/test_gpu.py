@@ -35,7 +35,7 @@ def test_cuda_onload_bit_identical(tmp_path, tier):
         seg = get_offload_state(model.model.layers[0].mlp.up_proj).tier
         assert seg.tier is Tier.CPU
         blob = get_offload_state(model.model.layers[0].mlp.up_proj).all_entries()[0].blobs[0]
-        assert blob.segment.raw().is_pinned(), "cpu tier must be pinned when CUDA is available"
+        assert blob.segment.pinned and blob.segment.raw().is_pinned(), "cpu tier must be pinned with CUDA"
     with torch.no_grad():
         out = model(ids).logits  # inputs on CPU: moved by the pre-forward hook
     assert out.device.type == "cuda"
@@ -84,3 +84,37 @@ def test_dispatch_fills_gpu_then_cpu(tmp_path):
     with torch.no_grad():
         out = model(ids).logits
     assert torch.allclose(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_prefetch_depths_bit_identical(tmp_path, depth, tier):
+    from offload_dist import OffloadPolicy
+
+    model = _llama().to(torch.bfloat16)
+    ids = torch.randint(0, 2048, (2, 64))
+    with torch.no_grad():
+        ref = model.to("cuda:0")(ids.cuda()).logits.cpu()
+    model.to("cpu")
+    offload_model(model, "cuda:0", tier, offload_folder=str(tmp_path / "off"),
+                  policy=OffloadPolicy(prefetch_depth=depth))
+    with torch.no_grad():
+        for _ in range(3):  # the first pass learns the order, later ones prefetch
+            assert torch.equal(model(ids).logits.cpu(), ref)
+
+
+def test_update_between_passes_is_not_hidden_by_prefetch(tmp_path):
+    from offload_dist import OffloadPolicy, update_offload_parameter
+
+    model = _llama().to(torch.bfloat16)
+    ids = torch.randint(0, 2048, (1, 16))
+    offload_model(model, "cuda:0", "cpu", policy=OffloadPolicy(prefetch_depth=2))
+    with torch.no_grad():
+        model(ids)
+        model(ids)
+        update_offload_parameter(model.model.layers[0].mlp.up_proj, "weight",
+                                 torch.zeros_like(model.model.layers[0].mlp.up_proj.weight))
+        out = model(ids).logits
+    remove_dispatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids.cuda()).logits, out)
