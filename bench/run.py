@@ -73,7 +73,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inter", type=int, default=14336)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--only", default="", help="semicolon-separated config names to run (default: all)")
+    p.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
+                   help="semicolon-separated config names to run (default: all; env BENCH_ONLY)")
     p.add_argument("--timeout", type=float, default=300)
     a = p.parse_args()
     if a.quick:
@@ -132,6 +133,7 @@ def main() -> None:
         if res is None:
             (out / f"fail-{len(results['configs'])}.log").write_text(log[-20000:])
             print(log[-3000:], flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
     table = format_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table)
