@@ -112,14 +112,22 @@ def main() -> None:
         except ImportError:
             print("compressed-tensors not installed: skipped", flush=True)
     od = [worker, "od", str(ckpt), *seq, *off]
+    deep = ["--prefetch", "64", "--prefetch-bytes", str(2 << 30)]
+    n = a.nproc
     configs += [
         ("offload_dist 1 proc cpu, prefetch 0", [py, *od, "--prefetch", "0"], 1, False),
-        ("offload_dist 1 proc cpu, prefetch 2", [py, *od, "--prefetch", "2"], 1, False),
-        ("offload_dist 1 proc cpu, prefetch 2, pin alloc", [py, *od, "--prefetch", "2", "--pin", "alloc"], 1, False),
-        (f"offload_dist {a.nproc} ranks cpu, prefetch 0", [*trun, *od, "--prefetch", "0"], a.nproc, False),
-        (f"offload_dist {a.nproc} ranks cpu, prefetch 2", [*trun, *od, "--prefetch", "2"], a.nproc, False),
-        ("offload_dist 1 proc disk (cold), prefetch 2", [py, *od, "--device-map", "disk"], 1, True),
-        (f"offload_dist {a.nproc} ranks disk (cold), prefetch 2", [*trun, *od, "--device-map", "disk"], a.nproc, True),
+        ("offload_dist 1 proc cpu, prefetch 2 modules", [py, *od, "--prefetch", "2", "--prefetch-bytes", "0"], 1,
+         False),
+        ("offload_dist 1 proc cpu, prefetch default", [py, *od], 1, False),
+        ("offload_dist 1 proc cpu, prefetch default, pin alloc", [py, *od, "--pin", "alloc"], 1, False),
+        (f"offload_dist {n} ranks cpu, prefetch 0", [*trun, *od, "--prefetch", "0"], n, False),
+        (f"offload_dist {n} ranks cpu, prefetch 2 modules", [*trun, *od, "--prefetch", "2", "--prefetch-bytes", "0"],
+         n, False),
+        (f"offload_dist {n} ranks cpu, prefetch default", [*trun, *od], n, False),
+        (f"offload_dist {n} ranks cpu, prefetch 64 modules/2 GiB", [*trun, *od, *deep], n, False),
+        ("disk: cold sequential read of the checkpoint", [py, str(HERE / "diskread.py"), str(ckpt)], 1, True),
+        ("offload_dist 1 proc disk (cold), prefetch default", [py, *od, "--device-map", "disk"], 1, True),
+        (f"offload_dist {n} ranks disk (cold), prefetch default", [*trun, *od, "--device-map", "disk"], n, True),
     ]
     only = {s.strip() for s in a.only.split(";") if s.strip()}
     results = {"bytes": nbytes, "configs": {}}
@@ -160,6 +168,10 @@ def format_table(results: dict) -> str:
              "| GPU peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in cfgs.items():
         if name.startswith("hw "):
+            continue
+        if name.startswith("disk:"):
+            r = (c["result"] or [{}])[0]
+            lines.append(f"| {name} | 1 | | {r.get('seconds')} | | {r.get('GBps')} | | | | | |")
             continue
         r = c["result"]
         if not r:

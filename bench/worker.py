@@ -43,7 +43,8 @@ def main() -> None:
     p.add_argument("mode", choices=["resident", "accelerate", "ct", "od"])
     p.add_argument("ckpt")
     p.add_argument("--device-map", default="auto_offload")
-    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=32, help="modules ahead")
+    p.add_argument("--prefetch-bytes", type=int, default=1 << 30, help="bytes ahead")
     p.add_argument("--pin", default="register", choices=["register", "alloc", "off"])
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)
@@ -66,7 +67,7 @@ def main() -> None:
         od.barrier()
         vm0 = psutil.virtual_memory().used
         t0 = time.perf_counter()
-        policy = od.OffloadPolicy(prefetch_depth=a.prefetch, pin_method="register" if a.pin == "off" else a.pin,
+        policy = od.OffloadPolicy(prefetch_depth=a.prefetch, prefetch_bytes=a.prefetch_bytes, pin_method="register" if a.pin == "off" else a.pin,
                                   pin_memory=False if a.pin == "off" else None)
         with od.load_offloaded_model(policy=policy):
             model = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype="auto", device_map=a.device_map,

@@ -113,7 +113,8 @@ class OffloadStore:
     def __init__(self, policy: OffloadPolicy | None = None, offload_folder: str | None = None):
         self.policy = policy or OffloadPolicy()
         self.offload_folder = offload_folder
-        self.prefetcher = Prefetcher(self.policy.prefetch_depth) if self.policy.prefetch_depth > 0 else None
+        self.prefetcher = (Prefetcher(self.policy.prefetch_depth, self.policy.prefetch_bytes)
+                           if self.policy.prefetch_depth > 0 else None)
         self._tiers: dict[tuple[Tier, torch.device | None], TierStore] = {}
         # Sharing table, alive only inside ``sharing()``: storage identity -> blob.
         # The originals are held so their identity cannot be reused meanwhile.

@@ -38,8 +38,10 @@ class OffloadPolicy:
         pin_memory: pin host buffers of the cpu tier. ``None`` means pin when CUDA is
             available (pinning without a GPU gains nothing).
         non_blocking: issue host->device copies asynchronously from pinned memory.
-        prefetch_depth: how many modules ahead of the running one to start onloading
-            (see [Note: stream ordering]); 0 onloads each module when it starts.
+        prefetch_depth: at most this many modules ahead of the running one are being
+            onloaded (see [Note: stream ordering]); 0 onloads each module when it starts.
+        prefetch_bytes: and at most this many bytes ahead (the device memory the
+            prefetched modules may take); the next module is always allowed.
         pin_method: ``"register"`` pins exact-size allocations in place
             (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
             (see [Note: pinning]).
@@ -47,12 +49,15 @@ class OffloadPolicy:
 
     pin_memory: bool | None = None
     non_blocking: bool = True
-    prefetch_depth: int = 2
+    prefetch_depth: int = 32
+    prefetch_bytes: int = 1 << 30
     pin_method: str = "register"
 
     def __post_init__(self) -> None:
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.prefetch_bytes < 0:
+            raise ValueError(f"prefetch_bytes must be >= 0, got {self.prefetch_bytes}")
         if self.pin_method not in ("register", "alloc"):
             raise ValueError(f"pin_method must be 'register' or 'alloc', got {self.pin_method!r}")
 

@@ -74,13 +74,15 @@ class Prefetcher:
     """Learns execution order and starts onloads ahead (see [Note: stream ordering]).
 
     Args:
-        depth: how many modules ahead to start; 0 disables prefetching.
+        depth: at most how many modules ahead to start; 0 disables prefetching.
+        max_bytes: at most how many bytes ahead (the next module is always started).
     """
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, max_bytes: int = 1 << 30):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.depth = depth
+        self.max_bytes = max_bytes
         self._next: dict[int, ModuleOffload] = {}  # id(state) -> the state that ran after it last
         self._last: ModuleOffload | None = None
         self._ran: set[int] = set()  # ids of the states that ran in the current pass
@@ -98,7 +100,7 @@ class Prefetcher:
 
     def reader(self) -> ThreadPoolExecutor:
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="offload_dist-read")
+            self._reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="offload_dist-read")
         return self._reader
 
     def take(self, state: ModuleOffload) -> dict[Entry, torch.Tensor]:
@@ -128,9 +130,13 @@ class Prefetcher:
     def _look_ahead(self, state: ModuleOffload) -> None:
         wanted: list[ModuleOffload] = []
         cur = state
+        ahead = 0
         for _ in range(self.depth):
             cur = self._next.get(id(cur))
             if cur is None or id(cur) in self._ran or cur in wanted:
+                break
+            ahead += cur.nbytes()
+            if wanted and ahead > self.max_bytes:
                 break
             wanted.append(cur)
         # Drop predictions that fell out of the window (oldest first; same on every rank).
