@@ -288,6 +288,8 @@ class ModuleOffload:
         self.tier = tier
         self.store = store
         self.entries: dict[str, dict[str, Entry | None]] = {"_parameters": {}, "_buffers": {}}
+        self._all: list[Entry] | None = None  # derived from entries; reset by changed()
+        self._nbytes: int | None = None
         self.hooks: list = []
         # The forward frame: tensors onloaded for the duration of forward (see
         # [Note: onload scopes]); shared by threads running this module at once.
@@ -392,12 +394,20 @@ class ModuleOffload:
             out[e] = restore_tensor(e.layout, [blob_cache[b] for b in e.blobs])
 
     def all_entries(self) -> list[Entry]:
-        seen: dict[int, Entry] = {}
-        for kind in self.entries.values():
-            for e in kind.values():
-                if e is not None:
-                    seen.setdefault(id(e), e)
-        return list(seen.values())
+        """Distinct entries of the module, params then buffers (cached; see ``changed``)."""
+        if self._all is None:
+            seen: dict[int, Entry] = {}
+            for kind in self.entries.values():
+                for e in kind.values():
+                    if e is not None:
+                        seen.setdefault(id(e), e)
+            self._all = list(seen.values())
+        return self._all
+
+    def changed(self) -> None:
+        """Forgets what is derived from ``entries``; called whenever they change."""
+        self._all = None
+        self._nbytes = None
 
     # -- forward frame -------------------------------------------------------------------
     def enter_forward(self) -> None:
@@ -434,10 +444,12 @@ class ModuleOffload:
             self.entries[kind][name] = None
         else:
             self.entries[kind][name] = self.store.offload({name: value}, self.tier, f"{self.name}.{name}")[name]
+        self.changed()
         self._forget(old)
 
     def delete(self, kind: str, name: str) -> None:
         old = self.entries[kind].pop(name)
+        self.changed()
         self._forget(old)
 
     def _forget(self, old: Entry | None) -> None:
@@ -478,11 +490,14 @@ class ModuleOffload:
             b.segment, b.offset = seg, off  # every entry viewing the blob follows
 
     def nbytes(self) -> int:
-        seen: dict[int, int] = {}
-        for e in self.all_entries():
-            for b in e.blobs:
-                seen[id(b)] = b.nbytes
-        return sum(seen.values())
+        """Bytes of the module's distinct blobs."""
+        if self._nbytes is None:
+            seen: dict[int, int] = {}
+            for e in self.all_entries():
+                for b in e.blobs:
+                    seen[id(b)] = b.nbytes
+            self._nbytes = sum(seen.values())
+        return self._nbytes
 
 
 class OffloadCache(MutableMapping):

@@ -126,6 +126,7 @@ def install_offload(module: nn.Module, state: ModuleOffload, params: dict[str, E
         raise ValueError(f"module '{state.name}' is already offloaded; call remove_module_offload() first")
     state.entries["_parameters"] = dict(params)
     state.entries["_buffers"] = dict(buffers)
+    state.changed()
     module.__dict__["_parameters"] = OffloadCache(state, "_parameters")
     module.__dict__["_buffers"] = OffloadCache(state, "_buffers")
     module.__dict__[STATE_ATTR] = state

@@ -86,6 +86,8 @@ class Prefetcher:
         self._next: dict[int, ModuleOffload] = {}  # id(state) -> the state that ran after it last
         self._last: ModuleOffload | None = None
         self._ran: set[int] = set()  # ids of the states that ran in the current pass
+        self._window: list[ModuleOffload] = []  # the modules predicted to run next, in order
+        self._window_bytes = 0
         self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._reader: ThreadPoolExecutor | None = None
@@ -128,24 +130,32 @@ class Prefetcher:
             pending.finish()
 
     def _look_ahead(self, state: ModuleOffload) -> None:
-        wanted: list[ModuleOffload] = []
-        cur = state
-        ahead = 0
-        for _ in range(self.depth):
-            cur = self._next.get(id(cur))
-            if cur is None or id(cur) in self._ran or cur in wanted:
+        window, nxt, ran, pending = self._window, self._next, self._ran, self._pending
+        # The window of predicted modules slides by one when the prediction came true.
+        if window and window[0] is state:
+            window.pop(0)
+            self._window_bytes -= state.nbytes()
+        else:
+            window.clear()
+            self._window_bytes = 0
+        members = {id(s) for s in window}
+        cur: ModuleOffload | None = window[-1] if window else state
+        while len(window) < self.depth:
+            cur = nxt.get(id(cur))
+            if cur is None or id(cur) in ran or id(cur) in members or cur is state:
                 break
-            ahead += cur.nbytes()
-            if wanted and ahead > self.max_bytes:
+            if window and self._window_bytes + cur.nbytes() > self.max_bytes:
                 break
-            wanted.append(cur)
+            window.append(cur)
+            members.add(id(cur))
+            self._window_bytes += cur.nbytes()
         # Drop predictions that fell out of the window (oldest first; same on every rank).
-        keep = {id(s) for s in wanted}
-        for key in [k for k in self._pending if k not in keep]:
-            self._pending.pop(key).finish()  # waited for, then freed: never left in flight
-        for s in wanted:
-            if id(s) not in self._pending and s._frame is None and not s.is_held():
-                self._pending[id(s)] = s.start_onload(self)
+        if any(k not in members for k in pending):
+            for key in [k for k in pending if k not in members]:
+                pending.pop(key).finish()  # waited for, then freed: never left in flight
+        for s in window:
+            if id(s) not in pending and s._frame is None and not s.is_held():
+                pending[id(s)] = s.start_onload(self)
 
     def drain(self) -> None:
         """Waits for and drops every started onload."""
