@@ -38,6 +38,7 @@ from offload_dist.policy import OffloadPolicy, Tier
 from offload_dist.prefetch import PendingOnload, Prefetcher
 from offload_dist.tensors import FlatState, TensorLayout, copy_into, flatten_tensors, restore_tensor
 from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Segment, TierStore
+from offload_dist.tiers.disk import StagingPool
 
 __all__ = ["Blob", "Entry", "OffloadStore", "ModuleOffload", "OffloadCache", "KeepScope", "OnloadOffScope",
            "OffloadError"]
@@ -113,6 +114,7 @@ class OffloadStore:
     def __init__(self, policy: OffloadPolicy | None = None, offload_folder: str | None = None):
         self.policy = policy or OffloadPolicy()
         self.offload_folder = offload_folder
+        self._staging: StagingPool | None = None
         self.prefetcher = (Prefetcher(self.policy.prefetch_depth, self.policy.prefetch_bytes)
                            if self.policy.prefetch_depth > 0 else None)
         self._tiers: dict[tuple[Tier, torch.device | None], TierStore] = {}
@@ -126,6 +128,12 @@ class OffloadStore:
         # (weakref to the entry, weakref to the tensor, its device or None for at rest).
         # Weak both ways: it keeps neither the bytes nor the tensors alive.
         self.removed: dict[int, tuple[weakref.ref, weakref.ref, torch.device | None]] = {}
+
+    def staging(self) -> StagingPool:
+        """The pinned buffers disk reads go through on their way to a GPU (made on first use)."""
+        if self._staging is None:
+            self._staging = StagingPool()
+        return self._staging
 
     def onload_for_forward(self, state: ModuleOffload, out: dict[Entry, torch.Tensor],
                            blob_cache: dict[Blob, torch.Tensor] | None = None) -> None:
@@ -381,7 +389,7 @@ class ModuleOffload:
             lo = min(b.offset for b in group)
             hi = max(b.offset + b.nbytes for b in group)
             try:
-                buf = seg.read(lo, hi, self.onload_device, non_blocking=nb)
+                buf = seg.read(lo, hi, self.onload_device, non_blocking=nb, staging=self.store.staging())
             except (OSError, ValueError) as e:
                 raise OffloadError(f"onloading module '{self.name}' from the {seg.tier.value} tier failed: {e}") from e
             for b in group:

@@ -21,17 +21,27 @@ bytes.
 * Writes: ``update_offload_parameter`` writes in place on the owner and raises
   :class:`NotOwnerError` elsewhere; assigning a new tensor raises on every rank (the
   tensor structure must change on every rank at once: use ``replace_module_parallel``).
+  The write reaches the offloaded bytes only, never the onloaded copies every rank holds
+  (the owner cannot reach the others' copies without a collective): a running forward
+  keeps the old value on every rank and the next forward broadcasts the new one; while
+  a ``disable_offloading`` scope holds the tensor the write raises
+  :class:`WriteConflictError` instead of letting the ranks diverge.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore
+if TYPE_CHECKING:
+    from offload_dist.tiers.disk import StagingPool
+
+from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore
 from offload_dist.dist import collectives
 from offload_dist.log import get_logger
 from offload_dist.policy import Tier
-from offload_dist.tensors import aligned_offsets, restore_tensor
+from offload_dist.tensors import aligned_offsets, copy_into, restore_tensor
 from offload_dist.tiers.base import Segment, TierStore
 
 __all__ = ["DistModuleOffload", "RemoteSegment", "NotOwnerError", "WriteConflictError", "wire_blobs", "wire_offsets"]
@@ -44,7 +54,8 @@ class NotOwnerError(RuntimeError):
 
 
 class WriteConflictError(RuntimeError):
-    """A write to a module whose bytes are being broadcast ahead of its forward."""
+    """A write to a module whose bytes are being broadcast ahead of its forward, or that a
+    ``disable_offloading`` scope holds onloaded on every rank."""
 
 
 class RemoteSegment(Segment):
@@ -56,7 +67,8 @@ class RemoteSegment(Segment):
         self.nbytes = nbytes
         self.owner = owner
 
-    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
+             staging: StagingPool | None = None) -> torch.Tensor:
         raise NotOwnerError(f"these bytes rest on rank {self.owner}; they reach this rank only by a collective")
 
     def raw(self) -> torch.Tensor:
@@ -143,7 +155,8 @@ class DistModuleOffload(ModuleOffload):
         seg = blobs[0].segment if blobs else None
         base = blobs[0].offset if blobs else 0
         if seg is not None and all(b.segment is seg and b.offset - base == off for b, off in zip(blobs, offsets)):
-            buf = seg.read(base, base + total, self.onload_device, non_blocking=self.store.policy.non_blocking)
+            buf = seg.read(base, base + total, self.onload_device, non_blocking=self.store.policy.non_blocking,
+                           staging=self.store.staging())
             if self.onload_device.type == "cpu" and seg.tier is not Tier.DISK:
                 buf = buf.clone()  # never hand the at-rest bytes to a collective that writes
             return buf
@@ -178,7 +191,21 @@ class DistModuleOffload(ModuleOffload):
                                 f"{self.owner}: update it on the owner (offload_dist.is_owner(module)) or compute "
                                 "the new value with replace_module_parallel, which runs on owners and shares the "
                                 "result with every rank")
-        super().update(kind, name, data)
+        entry = self.entries[kind].get(name)
+        if entry is None:
+            raise KeyError(f"{self._label(name)} does not exist or is None; assign it instead")
+        if any(entry in scope.tensors for scope in _KEEP.get()):
+            raise WriteConflictError(
+                f"[rank {self.rank}] module '{self.name}' tensor '{name}': a disable_offloading scope holds it "
+                "onloaded on every rank, and a write now would change only this rank's copy; update it outside "
+                "the scope (or before the scope's first forward of the module), or use replace_module_parallel")
+        self.before_write()
+        # The offloaded bytes only, not ModuleOffload.update's held copies: see the note.
+        what = self._label(name)
+        if all(b.segment.tier is not Tier.DISK for b in entry.blobs):
+            copy_into(self.at_rest(entry), data, what)
+        else:
+            self._rewrite_disk(entry, data, what)
 
     def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
         raise NotOwnerError(f"[rank {self.rank}] module '{self.name}': assigning '{name}' would change the tensor only "

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import abc
 
 import torch
+
+if TYPE_CHECKING:
+    from offload_dist.tiers.disk import StagingPool
 
 from offload_dist.policy import Tier
 from offload_dist.tensors import aligned_offsets
@@ -17,11 +22,13 @@ class Segment(abc.ABC):
     nbytes: int
 
     @abc.abstractmethod
-    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
+             staging: StagingPool | None = None) -> torch.Tensor:
         """Bytes ``[start, end)`` as a 1D ``uint8`` tensor on ``device``.
 
         When the bytes already live on ``device`` this is a view (no copy); writes to a
-        view land in the segment.
+        view land in the segment. ``staging``: reusable pinned buffers for tiers that
+        read through host memory (disk) on their way to a GPU.
         """
 
     @abc.abstractmethod

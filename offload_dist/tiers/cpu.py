@@ -17,9 +17,14 @@ pageable memory: the bytes are the same, copies are slower.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import weakref
 
 import torch
+
+if TYPE_CHECKING:
+    from offload_dist.tiers.disk import StagingPool
 
 from offload_dist.log import get_logger
 from offload_dist.policy import OffloadPolicy, Tier
@@ -36,7 +41,8 @@ class CpuSegment(Segment):
         self.nbytes = data.numel()
         self.pinned = pinned
 
-    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
+             staging: StagingPool | None = None) -> torch.Tensor:
         view = self.data[start:end]
         if device.type == "cpu":
             return view

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from offload_dist.tiers.disk import StagingPool
 
 from offload_dist.policy import Tier
 from offload_dist.tiers.base import Segment, TierStore
@@ -15,7 +20,8 @@ class DeviceSegment(Segment):
         self.data = data  # 1D uint8 on the tier's device
         self.nbytes = data.numel()
 
-    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
+             staging: StagingPool | None = None) -> torch.Tensor:
         view = self.data[start:end]
         return view if view.device == device else view.to(device, non_blocking=non_blocking)
 

@@ -31,7 +31,7 @@ from offload_dist.policy import Tier
 from offload_dist.tiers.base import Segment, TierStore
 
 __all__ = ["CorruptFileError", "OffloadWriteError", "TensorInfo", "read_safetensors_header", "DiskSegment",
-           "DiskTier", "SAFETENSORS_DTYPES"]
+           "DiskTier", "StagingPool", "SAFETENSORS_DTYPES"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -149,8 +149,11 @@ class DiskSegment(Segment):
         if owned:
             weakref.finalize(self, _unlink_quietly, path)
 
-    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
+             staging: StagingPool | None = None) -> torch.Tensor:
         pin = device.type == "cuda"
+        if pin and staging is not None:
+            return staging.read_to_device(self.path, self.offset + start, end - start, device)
         with torch.profiler.record_function("offload_dist::disk_read"):
             buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
             _read_into(self.path, self.offset + start, buf)
@@ -160,6 +163,56 @@ class DiskSegment(Segment):
 
     def raw(self) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
+
+
+class StagingPool:
+    """Reusable pinned host buffers through which disk reads reach a GPU.
+
+    A read is cut into chunks; each chunk is read into a free buffer and copied to the
+    device asynchronously on the current stream, and the buffer is reused once the event
+    recorded after its copy has completed. So reads never allocate pinned memory (which
+    costs as much as the read itself) and a reader thread keeps the disk busy while the
+    previous chunk crosses PCIe. Thread-safe: several reader threads share one pool.
+
+    Args:
+        chunk: bytes per buffer.
+        count: number of buffers (pinned memory = ``chunk * count``, allocated on first use).
+    """
+
+    def __init__(self, chunk: int = 32 << 20, count: int = 8):
+        import queue
+
+        self.chunk = chunk
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put((None, None))
+
+    def _acquire(self) -> torch.Tensor:
+        buf, event = self._free.get()
+        if event is not None:
+            event.synchronize()
+        if buf is None:
+            buf = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
+        return buf
+
+    def read_to_device(self, path: str, offset: int, nbytes: int, device: torch.device) -> torch.Tensor:
+        """Bytes ``[offset, offset + nbytes)`` of ``path`` as a new uint8 tensor on ``device``."""
+        out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        stream = torch.cuda.current_stream(device)
+        with torch.profiler.record_function("offload_dist::disk_read"):
+            for pos in range(0, nbytes, self.chunk):
+                n = min(self.chunk, nbytes - pos)
+                buf = self._acquire()
+                try:
+                    _read_into(path, offset + pos, buf[:n])
+                    out[pos:pos + n].copy_(buf[:n], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                except BaseException:
+                    self._free.put((buf, None))
+                    raise
+                self._free.put((buf, event))
+        return out
 
 
 def _unlink_quietly(path: str) -> None:
