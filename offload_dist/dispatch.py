@@ -188,13 +188,19 @@ def dispatch_with_map(
     device_map: Mapping[str, DeviceMapValue],
     offload_folder: str | None = None,
     policy: OffloadPolicy | None = None,
+    *,
+    offload_dir: str | None = None,
 ) -> nn.Module:
     """Places every module with tensors as ``device_map`` says (longest name prefix wins).
+
+    ``offload_dir`` is accepted as another name of ``offload_folder`` (compressed-tensors'
+    spelling).
 
     Raises:
         DispatchError: a module with tensors has no entry, or the model is already
             dispatched.
     """
+    offload_folder = offload_folder or offload_dir
     placements = _normalize(device_map)
     todo: list[tuple[str, nn.Module, Placement]] = []
     for name, m in model.named_modules():
@@ -273,13 +279,18 @@ def get_device_map(model: nn.Module) -> dict[str, tuple[torch.device, torch.devi
     return out
 
 
-def remove_dispatch(model: nn.Module) -> nn.Module:
-    """Removes offloading from every module, leaving tensors on their onload devices.
+def remove_dispatch(model: nn.Module, onload_tensors: bool = True) -> nn.Module:
+    """Removes offloading from every module.
+
+    Args:
+        model: a dispatched or offloaded model.
+        onload_tensors: leave the tensors on their onload devices (default), or where
+            they rest (disk-tier tensors are read into host memory).
 
     Tensors tied before dispatch are the same tensor again afterwards.
     """
     restored: dict[Entry, torch.Tensor] = {}
     blobs: dict[Blob, torch.Tensor] = {}
     for m in model.modules():
-        remove_module_offload(m, onload_tensors=True, _restored=restored, _blobs=blobs)
+        remove_module_offload(m, onload_tensors=onload_tensors, _restored=restored, _blobs=blobs)
     return model

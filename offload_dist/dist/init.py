@@ -38,6 +38,7 @@ state, all of it inspectable.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -653,11 +654,22 @@ def init_dist(backend: str | None = None,
     dist.init_process_group(chosen_backend, init_method=f"tcp://{host}:{int(port)}", rank=rank,
                             world_size=launch.world_size, timeout=resolved_timeout, **kwargs)
     _record_overrides(device, dev, timeout, resolved_timeout)
+    # A process group left alive at interpreter exit can abort the process on gloo;
+    # the group made here is torn down at exit unless the user destroyed it first.
+    atexit.register(_destroy_at_exit)
     ctx = _context_from_group(launch, os.environ, gather_if_needed=True)
     _log.info("initialised %s: world %d, node %d/%d, local rank %d/%d, device %s",
               ctx.backend, ctx.world_size, ctx.node_rank, ctx.num_nodes, ctx.local_rank,
               ctx.local_world_size, ctx.device)
     return ctx
+
+
+def _destroy_at_exit() -> None:
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - nothing useful to do at exit
+        pass
 
 
 # ------------------------------------------------------------------------ queries
