@@ -33,7 +33,7 @@ from torch import nn
 from offload_dist.cache import Blob, Entry, OffloadStore
 from offload_dist.checkpoint import Checkpoint, ModuleTensors, _disk_blobs, contiguous_layout, resolve_model_tensors
 from offload_dist.dist import collectives
-from offload_dist.dist.cache import DistModuleOffload, RemoteSegment
+from offload_dist.dist.cache import DistModuleOffload, RemoteSegment, register_onload_groups
 from offload_dist.dist.init import DistContext, current_context
 from offload_dist.dist.plan import NodeSpec, Plan, PlanPolicy, RankSpec, Topology, Unit, make_plan
 from offload_dist.log import get_logger
@@ -155,6 +155,7 @@ def load_distributed(
     disk_bytes: int | None = None,
     ctx: DistContext | None = None,
     progress: bool = True,
+    onload_groups: list[str] | None = None,
 ) -> tuple[Plan, LoadReport]:
     """Offloads ``model`` across the ranks of the job from a safetensors checkpoint.
 
@@ -178,6 +179,8 @@ def load_distributed(
         disk_bytes: disk space per node for the disk tier (default: unlimited).
         ctx: the job (default: :func:`~offload_dist.dist.init.current_context`).
         progress: show a progress bar on rank 0.
+        onload_groups: modules that onload their whole subtree at once (see
+            [Note: onload groups]); default: every module holding a list of experts.
 
     Returns:
         ``(plan, report)``; ``report`` holds every rank's figures.
@@ -252,37 +255,48 @@ def load_distributed(
             blobs = [Blob(seg, off, n) for off, n in zip(offsets, sizes)]
             if mode == "rank0" and rank == 0 and fresh_ckpt:
                 buf = torch.empty(total, dtype=torch.uint8)
-                for f, off in zip(fresh_ckpt, offsets):
-                    _read_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
-                bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
-                collectives.send_bytes(buf, owner)
+                try:
+                    for f, off in zip(fresh_ckpt, offsets):
+                        _read_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
+                    bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
+                except Exception as e:  # noqa: BLE001 - reported to every rank after the loop
+                    error = error or f"[rank {rank}] reading module '{label}' for rank {owner}: {type(e).__name__}: {e}"
+                collectives.send_bytes(buf, owner)  # even after a failure: the owner waits for it
         else:
             reads_here = mode == "owner-reads" or rank == 0
-            if tier is Tier.DISK and reads_here and not fresh_own and mode == "owner-reads":
-                blobs = _disk_blobs([f[3] for f in fresh_ckpt])  # read in place at forward
-            else:
-                host = store.tier(Tier.CPU).allocate(total, label)
-                buf = host.raw()
-                if fresh_ckpt:
-                    if reads_here:
-                        for f, off in zip(fresh_ckpt, offsets):
-                            _read_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
-                        bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
-                    else:
-                        collectives.recv_bytes(buf, 0)
-                if own_flat:
-                    for s, off in zip(own_flat.storages, offsets[len(fresh_ckpt):]):
-                        buf[off:off + s.numel()].copy_(s)
-                if tier is Tier.DISK:
-                    if offload_folder is None:
-                        error = error or (f"[rank {rank}] module '{label}' is planned on the disk tier but no "
-                                          "offload_folder was given")
-                        seg, _ = host, None
-                    else:
-                        seg, _ = store.tier(Tier.DISK).put([buf], label)
-                    blobs = [Blob(seg, off, n) for off, n in zip(offsets, sizes)]
+            received = False
+            try:
+                if tier is Tier.DISK and reads_here and not fresh_own and mode == "owner-reads":
+                    blobs = _disk_blobs([f[3] for f in fresh_ckpt])  # read in place at forward
                 else:
-                    blobs = [Blob(host, off, n) for off, n in zip(offsets, sizes)]
+                    host = store.tier(Tier.CPU).allocate(total, label)
+                    buf = host.raw()
+                    if fresh_ckpt:
+                        if reads_here:
+                            for f, off in zip(fresh_ckpt, offsets):
+                                _read_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
+                            bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
+                        else:
+                            received = True
+                            collectives.recv_bytes(buf, 0)
+                    if own_flat:
+                        for s, off in zip(own_flat.storages, offsets[len(fresh_ckpt):]):
+                            buf[off:off + s.numel()].copy_(s)
+                    if tier is Tier.DISK:
+                        if offload_folder is None:
+                            error = error or (f"[rank {rank}] module '{label}' is planned on the disk tier but no "
+                                              "offload_folder was given")
+                            seg, _ = host, None
+                        else:
+                            seg, _ = store.tier(Tier.DISK).put([buf], label)
+                        blobs = [Blob(seg, off, n) for off, n in zip(offsets, sizes)]
+                    else:
+                        blobs = [Blob(host, off, n) for off, n in zip(offsets, sizes)]
+            except Exception as e:  # noqa: BLE001 - a local failure (I/O, memory, disk full) fails every rank below
+                error = error or f"[rank {rank}] module '{label}': {type(e).__name__}: {e}"
+                if fresh_ckpt and not reads_here and not received:
+                    collectives.recv_bytes(torch.empty(total, dtype=torch.uint8), 0)  # rank 0 sends it regardless
+                blobs = [Blob(RemoteSegment(total, owner), off, n) for off, n in zip(offsets, sizes)]  # never installed
         entries: dict[str, Entry | None] = {}
         for (k, key, t, info), b in zip(fresh_ckpt, blobs):
             param_type = type(t) if isinstance(t, nn.Parameter) else None
@@ -297,7 +311,11 @@ def load_distributed(
         for k, (key, t, info) in w.items.items():
             if k not in entries:
                 entries[k] = None if t is None else entries_by_key[key]
-        tier_store = store.tier(Tier.CPU) if tier is Tier.CPU or offload_folder is None else store.tier(Tier.DISK)
+        try:
+            tier_store = store.tier(Tier.CPU) if tier is Tier.CPU or offload_folder is None else store.tier(Tier.DISK)
+        except Exception as e:  # noqa: BLE001 - e.g. an offload folder this rank cannot create; fails every rank below
+            error = error or f"[rank {rank}] module '{label}': {type(e).__name__}: {e}"
+            tier_store = store.tier(Tier.CPU)
         state = DistModuleOffload(label, ctx.device, tier_store, store, owner=owner, rank=rank)
         installed.append((w.module, state, {n[1:]: e for n, e in entries.items() if n[0] == "p"},
                           {n[1:]: e for n, e in entries.items() if n[0] == "b"}))
@@ -311,6 +329,7 @@ def load_distributed(
         raise LoadError("; ".join(errors))
     for module, state, params, buffers in installed:
         install_offload(module, state, params, buffers)
+    register_onload_groups(model, onload_groups)
 
     mine = {"bytes_read": bytes_read, "modules": sum(1 for _, s, _, _ in installed if s.is_owner),
             "cpu_bytes": 0, "disk_bytes": 0}
