@@ -19,7 +19,7 @@ def main() -> None:
     names, times, colors = [], [], []
     for name, c in results["configs"].items():
         r = c["result"]
-        if name.startswith(("hw ", "disk:")) or not r:
+        if name.startswith(("hw ", "disk:", "placement ")) or not r:
             continue
         if "(cold)" in name:  # the cold-cache figure is the first forward
             best = max(x["fwd_s"][0] for x in r)

@@ -103,6 +103,8 @@ def main() -> None:
     if not a.quick:
         configs += [("hw 1 GPU", [py, str(HERE / "hw.py")], 1, False),
                     (f"hw {a.nproc} GPUs", [*trun, str(HERE / "hw.py")], a.nproc, False),
+                    (f"placement {a.nproc} GPUs: owner+broadcast vs stripe+all-gather",
+                     [*trun, str(HERE / "strategies.py")], a.nproc, False),
                     ("resident", [py, worker, "resident", str(ckpt), *seq], 1, False),
                     ("accelerate cpu_offload", [py, worker, "accelerate", str(ckpt), *seq], 1, False)]
         try:
@@ -167,7 +169,7 @@ def format_table(results: dict) -> str:
              "| GB/s per rank | x PCIe limit | vs compressed-tensors | host used, job GB | RSS/USS rank 0 GB "
              "| GPU peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in cfgs.items():
-        if name.startswith("hw "):
+        if name.startswith(("hw ", "placement ")):
             continue
         if name.startswith("disk:"):
             r = (c["result"] or [{}])[0]
