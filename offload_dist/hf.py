@@ -54,6 +54,10 @@ def build_empty_model(cls, config, dtype: torch.dtype | None):
             model = cls.from_config(config, dtype=dtype)
         else:
             model = cls._from_config(config, dtype=dtype)
+    # transformers ties embeddings while loading weights, not at construction: tie here,
+    # or a tied lm_head.weight stays an untied meta tensor the checkpoint does not hold.
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model.eval()
 
 

@@ -254,9 +254,11 @@ def replace_module_parallel(modules: Iterable[nn.Module] | nn.Module, fn: Callab
             _detach(m)
             m.__dict__["_parameters"], m.__dict__["_buffers"] = {}, {}
             m._non_persistent_buffers_set = set(desc["np"])
-            new = DistModuleOffload(old.name, old.onload_device, old.tier, old.store, owner=old.owner,
-                                    rank=old.rank, group=old.group)
-            install_offload(m, new, ep, eb)
+            # The same state object, new entries: the prefetcher's learnt order (keyed by state)
+            # stays right and holds no state that would keep the old bytes alive.
+            if old.store.prefetcher is not None:
+                old.store.prefetcher.discard(old)  # a started onload carries the old bytes
+            install_offload(m, old, ep, eb)
 
 
 def replicate_to_device(model: nn.Module, *, budget: int | None = None, required: bool = False) -> bool:

@@ -133,17 +133,26 @@ def save_parallel(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bo
     if errors:
         raise SaveError("save_parallel failed, no index written: " + "; ".join(errors))
 
+    error = None
     if rank == 0:
-        weight_map = {k: g["file"] for g in gathered if g["file"] for k in g["keys"]}
-        body = {"metadata": {"total_size": sum(g["nbytes"] for g in gathered)}, "weight_map": dict(sorted(weight_map.items()))}
-        tmp = out / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps(body, indent=2))
-        os.replace(tmp, index)
-        config = getattr(model, "config", None)
-        if save_config and config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(out)
-            gen = getattr(model, "generation_config", None)
-            if gen is not None and hasattr(gen, "save_pretrained"):
-                gen.save_pretrained(out)
-    collectives.barrier()
+        try:
+            out.mkdir(parents=True, exist_ok=True)  # rank 0 may own no tensor
+            weight_map = {k: g["file"] for g in gathered if g["file"] for k in g["keys"]}
+            body = {"metadata": {"total_size": sum(g["nbytes"] for g in gathered)},
+                    "weight_map": dict(sorted(weight_map.items()))}
+            tmp = out / f".{INDEX_NAME}.tmp"
+            tmp.write_text(json.dumps(body, indent=2))
+            os.replace(tmp, index)
+            config = getattr(model, "config", None)
+            if save_config and config is not None and hasattr(config, "save_pretrained"):
+                config.save_pretrained(out)
+                gen = getattr(model, "generation_config", None)
+                if gen is not None and hasattr(gen, "save_pretrained"):
+                    gen.save_pretrained(out)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = f"[rank 0] writing the index {index}: {type(e).__name__}: {e}"
+    # Every rank returns only once the index is written (or raises with rank 0).
+    error = collectives.broadcast_json(error, 0, tag="save:index")
+    if error:
+        raise SaveError(f"save_parallel failed: {error}")
     return [g["file"] for g in gathered if g["file"]]
