@@ -127,6 +127,8 @@ def main() -> None:
          n, False),
         (f"offload_dist {n} ranks cpu, prefetch default", [*trun, *od], n, False),
         (f"offload_dist {n} ranks cpu, prefetch 64 modules/2 GiB", [*trun, *od, *deep], n, False),
+        (f"offload_dist {n} ranks cpu, prefetch default, NCCL normal priority",
+         ["env", "OFFLOAD_DIST_NCCL_HIGH_PRIORITY=0", *trun, *od], n, False),
         ("disk: cold sequential read of the checkpoint", [py, str(HERE / "diskread.py"), str(ckpt)], 1, True),
         ("offload_dist 1 proc disk (cold), prefetch default", [py, *od, "--device-map", "disk"], 1, True),
         (f"offload_dist {n} ranks disk (cold), prefetch default", [*trun, *od, "--device-map", "disk"], n, True),

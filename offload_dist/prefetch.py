@@ -97,7 +97,8 @@ class Prefetcher:
         if device.type != "cuda":
             return None
         if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
+            # High priority: the copies feed the next modules, compute can wait for SMs.
+            self._streams[device] = torch.cuda.Stream(device, priority=-1)
         return self._streams[device]
 
     def reader(self) -> ThreadPoolExecutor:

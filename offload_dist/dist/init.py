@@ -62,6 +62,7 @@ ENV_BACKEND = "OFFLOAD_DIST_BACKEND"
 ENV_TIMEOUT = "OFFLOAD_DIST_TIMEOUT"
 ENV_DEVICE = "OFFLOAD_DIST_DEVICE"
 ENV_TOPOLOGY = "OFFLOAD_DIST_TOPOLOGY"
+ENV_NCCL_PRIORITY = "OFFLOAD_DIST_NCCL_HIGH_PRIORITY"
 
 
 class DistNotInitializedError(RuntimeError):
@@ -649,6 +650,15 @@ def init_dist(backend: str | None = None,
         # Binds the communicator to this GPU up front (eager NCCL init, no device guessing
         # in barrier). Not useful for gloo. Supported since torch 2.3.
         kwargs["device_id"] = dev
+        # Onload broadcasts run beside the model's compute: a high-priority NCCL stream
+        # gets SMs as soon as compute kernels free them, so transfers are not queued
+        # behind a whole layer of compute. OFFLOAD_DIST_NCCL_HIGH_PRIORITY=0 turns it off.
+        if env.get(ENV_NCCL_PRIORITY, "1").strip() not in ("0", "false", "no"):
+            options = getattr(dist, "ProcessGroupNCCL", None)
+            if options is not None and hasattr(options, "Options"):
+                opts = options.Options()
+                opts.is_high_priority_stream = True
+                kwargs["pg_options"] = opts
     _log.debug("init_process_group(%s, tcp://%s:%s, world_size=%d, timeout=%s)",
                chosen_backend, host, port, launch.world_size, resolved_timeout)
     dist.init_process_group(chosen_backend, init_method=f"tcp://{host}:{int(port)}", rank=rank,
