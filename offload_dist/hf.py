@@ -24,6 +24,7 @@ import torch
 
 from offload_dist.dist.init import is_distributed, require_init
 from offload_dist.load import DEVICE_MAPS, load_offloaded_checkpoint
+from offload_dist.policy import OffloadPolicy
 
 __all__ = ["load_offloaded_model", "build_empty_model"]
 
@@ -73,11 +74,12 @@ def _resolve_dtype(dtype, config) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def load_offloaded_model(*, mode: str = "auto") -> Iterator[None]:
+def load_offloaded_model(*, mode: str = "auto", policy: OffloadPolicy | None = None) -> Iterator[None]:
     """Makes ``from_pretrained`` load with offload_dist (see the module docstring).
 
     Args:
         mode: distributed loading mode: ``"auto"``, ``"owner-reads"`` or ``"rank0"``.
+        policy: pinning, copy and prefetch options of the loaded model.
 
     Raises:
         DistNotInitializedError: entered in a multi-rank launch before ``init_dist()``.
@@ -117,7 +119,7 @@ def load_offloaded_model(*, mode: str = "auto") -> Iterator[None]:
                                 f"load_offloaded_model: {sorted(kwargs)}")
             model = build_empty_model(cls, config, _resolve_dtype(dtype, config))
             load_offloaded_checkpoint(model, local, device_map, max_memory=max_memory,
-                                      offload_folder=offload_folder, mode=mode)
+                                      offload_folder=offload_folder, mode=mode, policy=policy)
             return model
 
         return classmethod(from_pretrained)
