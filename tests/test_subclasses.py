@@ -441,9 +441,9 @@ def test_views_of_one_storage(tier, onload_tensors, tmp_path, monkeypatch):
     for cls in (CpuSegment, DiskSegment):
         orig_read = cls.read
 
-        def read(self, start, end, device, *, non_blocking=False, _orig=orig_read):
+        def read(self, start, end, device, *, _orig=orig_read, **kwargs):
             reads.append((start, end))
-            return _orig(self, start, end, device, non_blocking=non_blocking)
+            return _orig(self, start, end, device, **kwargs)
 
         monkeypatch.setattr(cls, "read", read)
     m.seen.clear()
