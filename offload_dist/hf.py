@@ -8,8 +8,8 @@ reading each byte and one owner holding it. ``device_map`` values this context d
 handle (none, a dict in a distributed job is refused, ``"cuda"``/``"cpu"`` in one
 process) go to transformers unchanged.
 
-The context replaces ``from_pretrained`` on transformers' ``PreTrainedModel`` (which the
-``AutoModel*`` classes call) for its duration and restores them on
+The context replaces ``from_pretrained`` on transformers' ``PreTrainedModel`` and on the
+``AutoModel*`` classes for its duration and restores them on
 exit, exception or not; transformers offers no hook for this. Do not load models from
 other threads while it is open.
 """
@@ -17,6 +17,7 @@ other threads while it is open.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -73,6 +74,41 @@ def _resolve_dtype(dtype, config) -> torch.dtype | None:
     return dtype
 
 
+def _resolve_checkpoint(path, config, config_kwargs: dict):
+    """The local checkpoint directory (None on ranks that cannot see it) and the config.
+
+    In a distributed job only rank 0 needs the files: it reads ``config.json`` and sends
+    it to the others as JSON (the others load their weights from rank 0 too), and a
+    failure there fails every rank.
+    """
+    from transformers import AutoConfig
+
+    if not is_distributed():
+        local = _local_dir(path)
+        return local, config or AutoConfig.from_pretrained(local, **config_kwargs)
+    from offload_dist.dist.collectives import broadcast_json
+    from offload_dist.dist.init import current_context
+    from offload_dist.dist.loader import LoadError
+
+    rank = current_context().rank
+    payload = None
+    if rank == 0:
+        try:
+            local = _local_dir(path)
+            cfg = config or AutoConfig.from_pretrained(local, **config_kwargs)
+            payload = {"config": json.loads(cfg.to_json_string(use_diff=False))}
+        except Exception as e:  # noqa: BLE001 - sent to every rank below
+            payload = {"error": f"{type(e).__name__}: {e}"}
+    payload = broadcast_json(payload, 0, tag="from_pretrained:config")
+    if "error" in payload:
+        raise LoadError(f"[rank {rank}] rank 0 could not read the checkpoint {os.fspath(path)!r}: {payload['error']}")
+    if config is None:
+        d = dict(payload["config"])
+        config = AutoConfig.for_model(d.pop("model_type"), **d)
+    local = os.fspath(path) if os.path.isdir(os.fspath(path)) else None
+    return local, config
+
+
 @contextlib.contextmanager
 def load_offloaded_model(*, mode: str = "auto", policy: OffloadPolicy | None = None) -> Iterator[None]:
     """Makes ``from_pretrained`` load with offload_dist (see the module docstring).
@@ -86,13 +122,22 @@ def load_offloaded_model(*, mode: str = "auto", policy: OffloadPolicy | None = N
     """
     require_init("load_offloaded_model")
     from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
-    # Auto classes resolve the model class and call its from_pretrained: patching the
-    # base of all model classes covers both.
-    originals = {PreTrainedModel: PreTrainedModel.__dict__["from_pretrained"]}
+    # Model classes inherit PreTrainedModel's from_pretrained; each AutoModel* class has
+    # its own copy, which resolves the config before calling the model class: both kinds
+    # are replaced for the duration of the context.
+    autos, todo = [], list(_BaseAutoModelClass.__subclasses__())
+    while todo:
+        c = todo.pop()
+        todo.extend(c.__subclasses__())
+        if "from_pretrained" in c.__dict__:
+            autos.append(c)
+    originals = {c: c.__dict__["from_pretrained"] for c in [PreTrainedModel, *autos]}
 
     def make(base):
         original = originals[base].__func__
+        is_auto = base is not PreTrainedModel
 
         def from_pretrained(cls, path, *args, **kwargs):
             device_map = kwargs.get("device_map")
@@ -104,11 +149,9 @@ def load_offloaded_model(*, mode: str = "auto", policy: OffloadPolicy | None = N
             max_memory = kwargs.pop("max_memory", None)
             offload_folder = kwargs.pop("offload_folder", None)
             dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-            from transformers import AutoConfig
-
-            local = _local_dir(path)
             config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("trust_remote_code", "revision")}
-            config = kwargs.pop("config", None) or AutoConfig.from_pretrained(local, **config_kwargs)
+            config = kwargs.pop("config", None)
+            local, config = _resolve_checkpoint(path, config, config_kwargs)
             attn = kwargs.pop("attn_implementation", None)
             if attn is not None:
                 config._attn_implementation = attn
@@ -117,7 +160,8 @@ def load_offloaded_model(*, mode: str = "auto", policy: OffloadPolicy | None = N
             if kwargs:
                 raise TypeError(f"from_pretrained options not supported with device_map={device_map!r} under "
                                 f"load_offloaded_model: {sorted(kwargs)}")
-            model = build_empty_model(cls, config, _resolve_dtype(dtype, config))
+            model_cls = _get_model_class(config, cls._model_mapping) if is_auto else cls
+            model = build_empty_model(model_cls, config, _resolve_dtype(dtype, config))
             load_offloaded_checkpoint(model, local, device_map, max_memory=max_memory,
                                       offload_folder=offload_folder, mode=mode, policy=policy)
             return model

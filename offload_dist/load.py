@@ -52,7 +52,7 @@ def _split_max_memory(max_memory: Mapping | None) -> tuple[dict, int | None, int
 
 def load_offloaded_checkpoint(
     model: nn.Module,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None,
     device_map: str | Mapping = "auto_offload",
     *,
     max_memory: Mapping | None = None,
@@ -67,7 +67,8 @@ def load_offloaded_checkpoint(
 
     Args:
         model: the model (names, shapes and dtypes must match the checkpoint).
-        checkpoint: a ``.safetensors`` file or a directory of shards.
+        checkpoint: a ``.safetensors`` file or a directory of shards; in a distributed
+            job, ranks that cannot see it pass ``None`` (rank 0 reads for them).
         device_map: one of :data:`DEVICE_MAPS` (see the module table), or a dict.
         max_memory: budgets, accelerate style: ``{0: "bytes", "cpu": bytes, "disk": bytes}``
             (int keys are GPUs; in a distributed job ``"cpu"`` is per node).
