@@ -36,7 +36,7 @@ import torch
 
 from offload_dist.policy import OffloadPolicy, Tier
 from offload_dist.prefetch import PendingOnload, Prefetcher
-from offload_dist.tensors import FlatState, TensorLayout, copy_into, flatten_tensors, restore_tensor
+from offload_dist.tensors import TensorLayout, copy_into, flatten_tensors, restore_tensor
 from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Segment, TierStore
 from offload_dist.tiers.disk import StagingPool
 
@@ -480,14 +480,18 @@ class ModuleOffload:
             raise KeyError(f"{self._label(name)} does not exist or is None; assign it instead")
         self.before_write()
         what = self._label(name)
-        if all(b.segment.tier is not Tier.DISK for b in entry.blobs):
-            copy_into(self.at_rest(entry), data, what)
-        else:
-            self._rewrite_disk(entry, data, what)
+        self.write_at_rest(entry, data, what)
         # Onloaded copies that are alive in scopes see the new value too.
         for held in ([self._frame] if self._frame is not None else []) + [s.tensors for s in _KEEP.get()]:
             if entry in held:
                 copy_into(held[entry], data.to(held[entry].device), what)
+
+    def write_at_rest(self, entry: Entry, data: torch.Tensor, what: str) -> None:
+        """Writes ``data`` into the offloaded bytes of ``entry``: in place, or (disk) as a new file."""
+        if all(b.segment.tier is not Tier.DISK for b in entry.blobs):
+            copy_into(self.at_rest(entry), data, what)
+        else:
+            self._rewrite_disk(entry, data, what)
 
     def _rewrite_disk(self, entry: Entry, data: torch.Tensor, what: str) -> None:
         cpu_blobs = {b: b.segment.read(b.offset, b.offset + b.nbytes, torch.device("cpu")) for b in entry.blobs}

@@ -174,70 +174,23 @@ def _skeleton(config_dir: Path) -> tuple[nn.Module | None, str]:
 def _units_from_model(model: nn.Module, ckpt: Checkpoint) -> tuple[list[Unit], list[str]]:
     """The units the distributed loader plans for ``model`` loaded from ``ckpt``.
 
-    Mirrors ``resolve_model_tensors`` + the loader's units: one unit per module with
-    tensors of its own, bytes from the checkpoint header (the model's own bytes for
-    tensors the checkpoint lacks, such as non-persistent buffers), one tie group per set
-    of modules that share a tensor object, named after its first module.
+    The loader's own matching (``resolve_model_tensors``) and units (``units_for_load``),
+    except that checkpoint tensors the model does not use are reported, not refused.
 
     Raises:
-        ValueError: the model has parameters the checkpoint lacks.
+        ValueError: the model has tensors the checkpoint lacks, or shapes/dtypes differ.
     """
-    from offload_dist.dist.plan import Unit
+    from offload_dist.checkpoint import resolve_model_tensors
+    from offload_dist.dist.loader import units_for_load
 
-    names: list[str] = []
-    sizes: list[int] = []
-    parent: list[int] = []
-    holder: dict[int, int] = {}  # id(tensor) -> index of the first unit holding it
-    used: set[str] = set()
-    missing: list[str] = []
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for mname, m in model.named_modules():
-        if not m._parameters and not m._buffers:
-            continue
-        idx = len(names)
-        names.append(mname or "<root>")
-        parent.append(idx)
-        nbytes = 0
-        for table in (m._parameters, m._buffers):
-            for n, t in table.items():
-                if t is None:
-                    continue
-                first = holder.get(id(t))
-                if first is not None:
-                    if first != idx:
-                        a, b = find(first), find(idx)
-                        parent[max(a, b)] = min(a, b)
-                    continue
-                holder[id(t)] = idx
-                full = f"{mname}.{n}" if mname else n
-                info = ckpt.tensors.get(full)
-                if info is not None:
-                    nbytes += info.nbytes
-                    used.add(full)
-                elif t.device.type != "meta":
-                    nbytes += t.numel() * t.element_size()
-                else:
-                    missing.append(full)
-        sizes.append(nbytes)
-    if missing:
-        raise ValueError(f"the model built from config.json has {len(missing)} tensor(s) the checkpoint lacks: "
-                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; is config.json this checkpoint's?")
-    roots = [find(i) for i in range(len(names))]
-    members = {r: roots.count(r) for r in set(roots)}
-    units = [Unit(names[i], sizes[i], names[roots[i]] if members[roots[i]] > 1 else None)
-             for i in range(len(names))]
+    work = resolve_model_tensors(model, ckpt, strict=False)
+    used = {key for w in work for key, _, info in w.items.values() if info is not None}
     notes = []
     unused = sorted(set(ckpt.tensors) - used, key=_natural_key)
     if unused:
         notes.append(f"warning: {len(unused)} checkpoint tensor(s) are not used by the model and not planned: "
                      f"{unused[:5]}{' ...' if len(unused) > 5 else ''} (the loader refuses them: strict)")
-    return units, notes
+    return units_for_load(work), notes
 
 
 def _units_from_names(ckpt: Checkpoint) -> list[Unit]:
@@ -289,8 +242,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except ValueError as e:
             # E.g. transformers converts this checkpoint's tensor names while loading
             # (per-expert MoE weights into fused ones); offload_dist's loader would not.
-            notes = [f"warning: {e} (offload_dist's loader matches the model's names to the checkpoint's "
-                     "and would refuse this pair)"]
+            notes = [f"warning: the model built from config.json has tensors that do not match the checkpoint "
+                     f"({e}); offload_dist's loader matches the model's names to the checkpoint's and would "
+                     "refuse this pair"]
             model, why = None, f"{type(model).__name__} from config.json does not match the tensor names"
     if model is None:
         units = _units_from_names(ckpt)

@@ -86,7 +86,7 @@ def test_plan_units_are_the_loaders_units(tied_ckpt, tmp_path):
     """The CLI plans exactly the units load_distributed plans for the same model and checkpoint."""
     from offload_dist.checkpoint import resolve_model_tensors
     from offload_dist.cli import _skeleton, _units_from_model
-    from offload_dist.dist.loader import _units
+    from offload_dist.dist.loader import units_for_load as _units
 
     from safetensors.torch import save_file
 

@@ -42,7 +42,7 @@ from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore
 from offload_dist.dist import collectives
 from offload_dist.log import get_logger
 from offload_dist.policy import Tier
-from offload_dist.tensors import aligned_offsets, copy_into, restore_tensor
+from offload_dist.tensors import aligned_offsets, restore_tensor
 from offload_dist.tiers.base import Segment, TierStore
 
 __all__ = ["DistModuleOffload", "RemoteSegment", "NotOwnerError", "WriteConflictError", "wire_blobs", "wire_offsets",
@@ -203,11 +203,7 @@ class DistModuleOffload(ModuleOffload):
                 "the scope (or before the scope's first forward of the module), or use replace_module_parallel")
         self.before_write()
         # The offloaded bytes only, not ModuleOffload.update's held copies: see the note.
-        what = self._label(name)
-        if all(b.segment.tier is not Tier.DISK for b in entry.blobs):
-            copy_into(self.at_rest(entry), data, what)
-        else:
-            self._rewrite_disk(entry, data, what)
+        self.write_at_rest(entry, data, self._label(name))
 
     def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
         raise NotOwnerError(f"[rank {self.rank}] module '{self.name}': assigning '{name}' would change the tensor only "
