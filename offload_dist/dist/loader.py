@@ -42,7 +42,7 @@ from offload_dist.policy import OffloadPolicy, Tier
 from offload_dist.tensors import aligned_offsets, flatten_tensors
 from offload_dist.tiers.disk import SAFETENSORS_DTYPES, TensorInfo, _read_into
 
-__all__ = ["LoadReport", "load_distributed", "LoadError"]
+__all__ = ["LoadReport", "load_distributed", "LoadError", "units_for_load"]
 
 _log = get_logger()
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -104,8 +104,12 @@ def _table_from_json(table: dict, root: str | None) -> Checkpoint:
     return Checkpoint(root or "<rank 0>", tensors)
 
 
-def _units(work: list[ModuleTensors]) -> list[Unit]:
-    """One planning unit per module, tie groups for modules that share tensors."""
+def units_for_load(work: list[ModuleTensors]) -> list[Unit]:
+    """One planning unit per module, tie groups for modules that share tensors.
+
+    ``work`` comes from :func:`~offload_dist.checkpoint.resolve_model_tensors`; bytes are the
+    checkpoint's (the model's own for tensors the checkpoint lacks), tied bytes counted once.
+    """
     first_module: dict[str, str] = {}  # tensor key -> module that loads it
     group: dict[str, str] = {}
     units: list[Unit] = []
@@ -220,7 +224,7 @@ def load_distributed(
 
     # 3. Match, plan, cross-check.
     work = resolve_model_tensors(model, ckpt)
-    units = _units(work)
+    units = units_for_load(work)
     plan = make_plan(units, _topology(ctx, host_bytes, disk_bytes), plan_policy or PlanPolicy())
     digests = collectives.all_gather_json(plan.digest(), tag="load:plan")
     if any(d != digests[0] for d in digests):
