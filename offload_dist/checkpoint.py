@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ class Checkpoint:
         """Reads every shard's header (and the index, if there is one).
 
         Raises:
-            FileNotFoundError: no safetensors files, or a shard the index names is missing.
+            FileNotFoundError: no safetensors files, a shard the index names is missing, or
+                sharded files (``*-00001-of-00002.safetensors``) without their index.
             CorruptFileError: a shard is truncated or its header is malformed.
             CheckpointMismatchError: a tensor is in two shards, or the index points a
                 tensor to a shard that lacks it.
@@ -61,6 +63,11 @@ class Checkpoint:
             files, weight_map = sorted(p.glob("*.safetensors")), None
             if not files:
                 raise FileNotFoundError(f"no .safetensors files in {p}")
+            sharded = [f.name for f in files if re.search(r"-\d+-of-\d+\.safetensors$", f.name)]
+            if sharded:
+                # Shards are written with an index; without it the set may be a mix of two saves.
+                raise FileNotFoundError(f"{p} holds sharded files ({sharded[0]}, ...) but no {INDEX_NAME}: an "
+                                        "interrupted save or an incomplete copy; save or copy it again")
         tensors: dict[str, TensorInfo] = {}
         for f in files:
             for name, info in read_safetensors_header(f).items():

@@ -13,6 +13,10 @@ asking "where can this hang?" reads this one file. Each function here
 * turns a local failure while preparing this rank's contribution (e.g. data that is not
   JSON) into an error on *every* rank, because the failing rank still takes part with a
   failure marker instead of leaving the others waiting;
+* turns a failure of the collective itself (a peer that died: ``Connection closed/reset
+  by peer`` on gloo; a peer that never arrived: the group's timeout) into
+  ``CollectiveError`` naming this rank, the op and its tag (the step or module), with the
+  backend's message kept (see [Note: collective failures]);
 * acts locally when there is no process group (a single process), and raises
   ``DistNotInitializedError`` when the job was launched with several ranks but
   ``init_dist()`` has not run.
@@ -26,9 +30,11 @@ receives can execute code. JSON turns tuples into lists and dict keys into strin
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,6 +54,33 @@ class CollectiveError(RuntimeError):
 
 class CollectiveOrderError(CollectiveError):
     """Ranks issued different collectives at the same point (checked mode only)."""
+
+
+# [Note: collective failures]
+# When a rank dies (killed, out of memory) the others learn it only through the
+# collective they are in: on gloo a peer's socket closes ("Connection closed by peer",
+# "Connection reset by peer") and the ranks talking to it fail at once, while ranks that
+# wait on a healthy peer fail at the group's timeout; on NCCL the watchdog reports the
+# timed-out collective. The backend names a peer address at best, not its rank, so the
+# error raised here names what this rank was doing ("<op>:<tag>", e.g. the module being
+# broadcast or the loader's step) and keeps the backend's message; the rank that failed
+# first is the one whose log shows a different error. A failed collective leaves the
+# group unusable: callers let CollectiveError propagate instead of carrying on.
+
+
+@contextlib.contextmanager
+def _failures_named(op: str, tag: str) -> Iterator[None]:
+    """Re-raises a backend failure inside the block as CollectiveError naming ``op:tag``."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:  # gloo/NCCL errors, torch.distributed.DistError included
+        where = f"{op}:{tag}" if tag else op
+        raise CollectiveError(
+            f"[rank {_rank()}] collective '{where}' failed: {e} -- another rank exited, failed, or did not reach "
+            "this collective within the process group's timeout (OFFLOAD_DIST_TIMEOUT); the rank that failed "
+            "first reports a different error") from e
 
 
 def _world_size(op: str, group: dist.ProcessGroup | None) -> int:
@@ -141,8 +174,10 @@ def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None, *, tag: st
     payload = _encode(obj, op)
     if world == 1:
         return _decode([payload], op)
-    _check_order(op, tag, group, world)
-    return _decode(_all_gather_bytes(payload, group, world), op)
+    with _failures_named(op, tag):
+        _check_order(op, tag, group, world)
+        payloads = _all_gather_bytes(payload, group, world)
+    return _decode(payloads, op)
 
 
 def broadcast_json(obj: Any, src: int, group: dist.ProcessGroup | None = None, *, tag: str = "") -> Any:
@@ -171,15 +206,16 @@ def broadcast_json(obj: Any, src: int, group: dist.ProcessGroup | None = None, *
     if not 0 <= src < dist.get_world_size():
         raise ValueError(f"[rank {_rank()}] broadcast_json(src={src}): src must be a global rank in "
                          f"0..{dist.get_world_size() - 1}")
-    _check_order(op, f"{tag}@{src}", group, world)
-    dev = comm_device(group)
-    payload = _encode(obj, op) if _rank() == src else b""
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=dev)
-    dist.broadcast(size, src, group=group)
-    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
-    if payload:
-        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    dist.broadcast(buf, src, group=group)
+    with _failures_named(op, f"{tag}@{src}"):
+        _check_order(op, f"{tag}@{src}", group, world)
+        dev = comm_device(group)
+        payload = _encode(obj, op) if _rank() == src else b""
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=dev)
+        dist.broadcast(size, src, group=group)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+        if payload:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dist.broadcast(buf, src, group=group)
     return _decode([_as_bytes(buf)], op)[0]
 
 
@@ -213,9 +249,11 @@ def barrier(timeout: float | datetime.timedelta | None = None,
             message = f"[rank {_rank()}] barrier did not complete within {limit}: {e}"
             raise CollectiveError(message) from e
     elif "nccl" in backend and "cpu:" not in backend:
-        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+        with _failures_named("barrier", ""):
+            dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:
-        dist.barrier(group=group)
+        with _failures_named("barrier", ""):
+            dist.barrier(group=group)
 
 
 def _staged(buf: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -238,25 +276,26 @@ def broadcast_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None
     world = _world_size(op, group)
     if world == 1:
         return buf
-    _check_order(op, f"{tag}@{src}:{buf.numel()}", group, world)
-    with torch.profiler.record_function("offload_dist::broadcast"):
-        work = _staged(buf, group)
-        dist.broadcast(work, src, group=group)
+    with _failures_named(op, f"{tag}@{src}"):
+        _check_order(op, f"{tag}@{src}:{buf.numel()}", group, world)
+        with torch.profiler.record_function("offload_dist::broadcast"):
+            work = _staged(buf, group)
+            dist.broadcast(work, src, group=group)
     if work is not buf:
         buf.copy_(work)
     return buf
 
 
-def send_bytes(buf: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None) -> None:
+def send_bytes(buf: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None, *, tag: str = "") -> None:
     """Sends a 1D ``uint8`` buffer to rank ``dst`` (point to point; ``dst`` must call
-    :func:`recv_bytes` with a buffer of the same size)."""
-    with torch.profiler.record_function("offload_dist::send"):
+    :func:`recv_bytes` with a buffer of the same size). ``tag`` names it in errors."""
+    with _failures_named("send_bytes", f"{tag}->rank {dst}"), torch.profiler.record_function("offload_dist::send"):
         dist.send(_staged(buf, group), dst, group=group)
 
 
-def recv_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Receives what rank ``src`` sent with :func:`send_bytes` into ``buf``."""
-    with torch.profiler.record_function("offload_dist::recv"):
+def recv_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None = None, *, tag: str = "") -> torch.Tensor:
+    """Receives what rank ``src`` sent with :func:`send_bytes` into ``buf``. ``tag`` names it in errors."""
+    with _failures_named("recv_bytes", f"{tag}<-rank {src}"), torch.profiler.record_function("offload_dist::recv"):
         work = _staged(buf, group)
         dist.recv(work, src, group=group)
     if work is not buf:
@@ -276,9 +315,10 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None
     world = _world_size("all_reduce", group)
     if world == 1:
         return t
-    _check_order("all_reduce", f"{tag}:{op}:{t.numel()}", group, world)
-    work = _staged(t, group)
-    dist.all_reduce(work, ops[op], group=group)
+    with _failures_named("all_reduce", f"{tag}:{op}"):
+        _check_order("all_reduce", f"{tag}:{op}:{t.numel()}", group, world)
+        work = _staged(t, group)
+        dist.all_reduce(work, ops[op], group=group)
     if work is not t:
         t.copy_(work)
     return t
@@ -287,15 +327,18 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None
 class _Pending:
     """An asynchronous collective; ``wait()`` also copies a staged result back."""
 
-    def __init__(self, work, staged: torch.Tensor | None = None, target: torch.Tensor | None = None):
+    def __init__(self, work, staged: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                 what: str = ""):
         self._work = work
         self._staged = staged
         self._target = target
+        self._what = what  # "<tag>@<src>", named in errors
 
     def wait(self) -> None:
         if self._work is not None:
-            self._work.wait()
-            self._work = None
+            work, self._work = self._work, None
+            with _failures_named("broadcast_bytes", self._what):
+                work.wait()
         if self._staged is not None and self._target is not None:
             self._target.copy_(self._staged)
             self._staged = None
@@ -313,8 +356,9 @@ def broadcast_bytes_async(buf: torch.Tensor, src: int, group: dist.ProcessGroup 
     world = _world_size(op, group)
     if world == 1:
         return _Pending(None)
-    _check_order(op, f"{tag}@{src}:{buf.numel()}", group, world)
-    with torch.profiler.record_function("offload_dist::broadcast"):
-        work_buf = _staged(buf, group)
-        work = dist.broadcast(work_buf, src, group=group, async_op=True)
-    return _Pending(work, work_buf if work_buf is not buf else None, buf)
+    with _failures_named(op, f"{tag}@{src}"):
+        _check_order(op, f"{tag}@{src}:{buf.numel()}", group, world)
+        with torch.profiler.record_function("offload_dist::broadcast"):
+            work_buf = _staged(buf, group)
+            work = dist.broadcast(work_buf, src, group=group, async_op=True)
+    return _Pending(work, work_buf if work_buf is not buf else None, buf, f"{tag}@{src}")

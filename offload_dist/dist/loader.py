@@ -265,7 +265,7 @@ def load_distributed(
                     bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
                 except Exception as e:  # noqa: BLE001 - reported to every rank after the loop
                     error = error or f"[rank {rank}] reading module '{label}' for rank {owner}: {type(e).__name__}: {e}"
-                collectives.send_bytes(buf, owner)  # even after a failure: the owner waits for it
+                collectives.send_bytes(buf, owner, tag=label)  # even after a failure: the owner waits for it
         else:
             reads_here = mode == "owner-reads" or rank == 0
             received = False
@@ -282,7 +282,7 @@ def load_distributed(
                             bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
                         else:
                             received = True
-                            collectives.recv_bytes(buf, 0)
+                            collectives.recv_bytes(buf, 0, tag=label)
                     if own_flat:
                         for s, off in zip(own_flat.storages, offsets[len(fresh_ckpt):]):
                             buf[off:off + s.numel()].copy_(s)
@@ -296,10 +296,13 @@ def load_distributed(
                         blobs = [Blob(seg, off, n) for off, n in zip(offsets, sizes)]
                     else:
                         blobs = [Blob(host, off, n) for off, n in zip(offsets, sizes)]
+            except collectives.CollectiveError:
+                raise  # the group is broken: waiting for the next module's bytes would only time out again
             except Exception as e:  # noqa: BLE001 - a local failure (I/O, memory, disk full) fails every rank below
                 error = error or f"[rank {rank}] module '{label}': {type(e).__name__}: {e}"
                 if fresh_ckpt and not reads_here and not received:
-                    collectives.recv_bytes(torch.empty(total, dtype=torch.uint8), 0)  # rank 0 sends it regardless
+                    # rank 0 sends it regardless
+                    collectives.recv_bytes(torch.empty(total, dtype=torch.uint8), 0, tag=label)
                 blobs = [Blob(RemoteSegment(total, owner), off, n) for off, n in zip(offsets, sizes)]  # never installed
         entries: dict[str, Entry | None] = {}
         for (k, key, t, info), b in zip(fresh_ckpt, blobs):

@@ -5,9 +5,15 @@ The result is an ordinary sharded safetensors checkpoint
 ``config.json`` when the model has a transformers config) that ``safetensors`` and
 ``from_pretrained`` load. Each file is written to a temporary name and renamed; the
 index appears only after every rank has written its shard, so a directory with an
-index is always complete. Saving over an existing checkpoint needs ``overwrite=True``;
-its index is removed first, so a half-replaced checkpoint is never mistaken for a whole
-one.
+index is always complete.
+
+Saving over an existing checkpoint needs ``overwrite=True``. Every rank first writes its
+new shard under a hidden temporary name (``.model-...safetensors.tmp``); only when every
+rank has reported a complete shard does rank 0 remove the old index, after which the
+shards are renamed into place and the new index is written. A rank that fails or dies
+while writing therefore leaves the old checkpoint intact (index and shards); one that
+dies during the renames leaves a directory without an index, never a half-replaced
+checkpoint that looks whole. Files are never world-writable, whatever the umask.
 """
 
 from __future__ import annotations
@@ -73,6 +79,13 @@ def _my_tensors(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _not_world_writable(path: Path) -> None:
+    """Drops the others-write bit the umask may have left (group bits follow the umask)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o002:
+        os.chmod(path, mode & ~0o002)
+
+
 def save_parallel(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bool = False,
                   save_config: bool = True) -> list[str]:
     """Writes ``model`` as a sharded safetensors checkpoint, each owner its own modules.
@@ -100,38 +113,55 @@ def save_parallel(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bo
     out = Path(out_dir)
     index = out / INDEX_NAME
     status = None
-    if rank == 0:
-        if index.exists() and not overwrite:
-            status = f"{out} already holds a checkpoint ({INDEX_NAME}); pass overwrite=True to replace it"
-        elif index.exists():
-            index.unlink()
+    if rank == 0 and index.exists() and not overwrite:
+        status = f"{out} already holds a checkpoint ({INDEX_NAME}); pass overwrite=True to replace it"
     status = collectives.broadcast_json(status, 0, tag="save:check")
     if status:
         raise FileExistsError(status)
 
     error = None
     fname = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+    tmp = out / f".{fname}.tmp"
     written: dict = {"file": None, "keys": [], "nbytes": 0}
     try:
-        from safetensors.torch import save_file
+        # 1. Each rank writes its shard under a temporary name; an old checkpoint stays whole.
+        try:
+            from safetensors.torch import save_file
 
-        tensors = _my_tensors(model, rank)
-        if tensors:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".{fname}.tmp"
-            try:
+            tensors = _my_tensors(model, rank)
+            if tensors:
+                out.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+                _not_world_writable(tmp)
+                written = {"file": fname, "keys": sorted(tensors),
+                           "nbytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = f"[rank {rank}] writing {out / fname}: {type(e).__name__}: {e}"
+        gathered = collectives.all_gather_json({"error": error, **written}, tag="save:shards")
+        errors = [g["error"] for g in gathered if g["error"]]
+        if errors:
+            raise SaveError("save_parallel failed, no index written: " + "; ".join(errors))
+
+        # 2. Every shard is complete: only now does rank 0 give up the old index.
+        error = None
+        if rank == 0:
+            try:
+                index.unlink(missing_ok=True)
+            except OSError as e:
+                error = f"[rank 0] removing the old index {index}: {type(e).__name__}: {e}"
+        error = collectives.broadcast_json(error, 0, tag="save:commit")
+        if error:
+            raise SaveError(f"save_parallel failed, shards not replaced: {error}")
+        if written["file"]:
+            try:
                 os.replace(tmp, out / fname)
-            finally:
-                tmp.unlink(missing_ok=True)
-            written = {"file": fname, "keys": sorted(tensors),
-                       "nbytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    except Exception as e:  # noqa: BLE001 - reported on every rank
-        error = f"[rank {rank}] writing {out / fname}: {type(e).__name__}: {e}"
-    gathered = collectives.all_gather_json({"error": error, **written}, tag="save:shards")
-    errors = [g["error"] for g in gathered if g["error"]]
-    if errors:
-        raise SaveError("save_parallel failed, no index written: " + "; ".join(errors))
+            except OSError as e:
+                error = f"[rank {rank}] renaming {tmp} to {fname}: {type(e).__name__}: {e}"
+        errors = [e for e in collectives.all_gather_json(error, tag="save:rename") if e]
+        if errors:
+            raise SaveError("save_parallel failed, no index written: " + "; ".join(errors))
+    finally:
+        tmp.unlink(missing_ok=True)
 
     error = None
     if rank == 0:
@@ -142,6 +172,7 @@ def save_parallel(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bo
                     "weight_map": dict(sorted(weight_map.items()))}
             tmp = out / f".{INDEX_NAME}.tmp"
             tmp.write_text(json.dumps(body, indent=2))
+            _not_world_writable(tmp)
             os.replace(tmp, index)
             config = getattr(model, "config", None)
             if save_config and config is not None and hasattr(config, "save_pretrained"):

@@ -64,6 +64,14 @@ def _unregister(ptr: int) -> None:
         pass
 
 
+def _memlock_limit() -> str:
+    """This process's locked-memory limit (``ulimit -l``), as the warning prints it."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+
+
 class CpuTier(TierStore):
     """Allocates cpu-tier segments according to an :class:`OffloadPolicy` (see [Note: pinning])."""
 
@@ -89,6 +97,6 @@ class CpuTier(TierStore):
             except (RuntimeError, AssertionError) as e:  # no driver, memlock limit, CPU-only build
                 # Pinning is an optimisation: the bytes are the same, copies are slower.
                 _log.warning("pinning %d bytes for %s failed (%s); using pageable memory for the cpu tier "
-                             "from now on (check `ulimit -l`)", nbytes, label, e)
+                             "from now on (check `ulimit -l`, here %s)", nbytes, label, e, _memlock_limit())
                 self._pin = False
         return CpuSegment(torch.empty(nbytes, dtype=torch.uint8))
