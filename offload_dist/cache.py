@@ -440,10 +440,14 @@ class ModuleOffload:
                 self._frame = None
 
     # -- writes --------------------------------------------------------------------------
-    def before_write(self) -> None:
-        """Drops a prefetch of this module: its bytes are about to change."""
-        if self.store.prefetcher is not None:
-            self.store.prefetcher.discard(self)
+    def before_write(self, blobs: tuple[Blob, ...] = ()) -> None:
+        """Drops a prefetch of this module, and of any module whose prefetch carries one of
+        ``blobs`` (a tie across modules): their bytes are about to change."""
+        prefetcher = self.store.prefetcher
+        if prefetcher is not None:
+            prefetcher.discard(self)
+            for other in prefetcher.sharing(blobs):
+                prefetcher.discard(other)
 
     def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
         self.before_write()
@@ -478,7 +482,7 @@ class ModuleOffload:
         entry = self.entries[kind].get(name)
         if entry is None:
             raise KeyError(f"{self._label(name)} does not exist or is None; assign it instead")
-        self.before_write()
+        self.before_write(entry.blobs)
         what = self._label(name)
         self.write_at_rest(entry, data, what)
         # Onloaded copies that are alive in scopes see the new value too.

@@ -130,6 +130,16 @@ class Prefetcher:
         if pending is not None:
             pending.finish()
 
+    def sharing(self, blobs) -> list[ModuleOffload]:
+        """The states whose started onload carries one of ``blobs`` (ties across modules).
+
+        Asked of the states' entries: a disk read on the worker thread fills
+        ``PendingOnload.blobs`` only when it is done.
+        """
+        ids = {id(b) for b in blobs}
+        return [p.state for p in self._pending.values()
+                if any(id(b) in ids for e in p.state.all_entries() for b in e.blobs)]
+
     def _look_ahead(self, state: ModuleOffload) -> None:
         window, nxt, ran, pending = self._window, self._next, self._ran, self._pending
         # The window of predicted modules slides by one when the prediction came true.

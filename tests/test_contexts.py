@@ -390,6 +390,25 @@ def test_update_tied_weight_updates_both(tier, folder):
         assert torch.equal(model.model.embed_tokens.weight, new * 2)
 
 
+def test_update_tied_weight_drops_the_other_modules_prefetch(folder):
+    # lm_head is prefetched (disk: a copy) when embed_tokens starts; an update of the tied
+    # weight made after that must reach lm_head's forward, not the prefetched old bytes.
+    model = tiny_tied()
+    offload_model(model, "cpu", "disk", offload_folder=folder)
+    ids = input_ids(1, 4)
+    with torch.no_grad():
+        model(ids)
+        model(ids)  # the prefetcher has learnt the order
+    new = torch.randn_like(model.lm_head.weight)
+    seen = []
+    model.model.embed_tokens.register_forward_hook(
+        lambda m, a, o: update_offload_parameter(model, "model.embed_tokens.weight", new))
+    model.lm_head.register_forward_hook(lambda m, a, o: seen.append(torch.equal(o, F.linear(a[0], new))))
+    with torch.no_grad():
+        model(ids)
+    assert seen == [True]
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 

@@ -181,11 +181,17 @@ class DistModuleOffload(ModuleOffload):
         return restore_tensor(entry.layout, [torch.empty(b.nbytes, dtype=torch.uint8, device="meta")
                                              for b in entry.blobs])
 
-    def before_write(self) -> None:
+    def before_write(self, blobs: tuple[Blob, ...] = ()) -> None:
         prefetcher = self.store.prefetcher
-        if prefetcher is not None and prefetcher.is_pending(self):
-            raise WriteConflictError(f"[rank {self.rank}] module '{self.name}' is being broadcast ahead of its forward; "
-                                "update it before the forward that precedes it starts, or between passes")
+        if prefetcher is None:
+            return
+        # A module tied to this one (same owner) carries the same bytes in its broadcast.
+        busy = [self] if prefetcher.is_pending(self) else prefetcher.sharing(blobs)
+        if busy:
+            tied = "" if busy[0] is self else f" (it shares the bytes written to '{self.name}')"
+            raise WriteConflictError(f"[rank {self.rank}] module '{busy[0].name}' is being broadcast ahead of its "
+                                     f"forward{tied}; update it before the forward that precedes it starts, or "
+                                     "between passes")
 
     def update(self, kind: str, name: str, data: torch.Tensor) -> None:
         if not self.is_owner:
@@ -201,7 +207,7 @@ class DistModuleOffload(ModuleOffload):
                 f"[rank {self.rank}] module '{self.name}' tensor '{name}': a disable_offloading scope holds it "
                 "onloaded on every rank, and a write now would change only this rank's copy; update it outside "
                 "the scope (or before the scope's first forward of the module), or use replace_module_parallel")
-        self.before_write()
+        self.before_write(entry.blobs)
         # The offloaded bytes only, not ModuleOffload.update's held copies: see the note.
         self.write_at_rest(entry, data, self._label(name))
 
