@@ -421,9 +421,10 @@ class ModuleOffload:
     def enter_forward(self) -> None:
         for scope in _KEEP.get():
             if scope.covers(self):
-                self.store.onload_for_forward(self, scope.tensors, scope.blobs)
+                # Counted first: exit_forward runs even when the onload raises.
                 with self._lock:
                     self._depth += 1
+                self.store.onload_for_forward(self, scope.tensors, scope.blobs)
                 return
         with self._lock:
             self._depth += 1

@@ -196,6 +196,30 @@ def test_exception_in_forward_inside_scope_releases(reads):
     assert lin(torch.ones(2, 8)).shape == (2, 4)
 
 
+def test_failed_onload_inside_scope_keeps_the_running_frame(monkeypatch):
+    # One call of the module is running (its frame is open); a second call of it inside a
+    # disable_offloading scope fails to onload. The hook that always runs after a forward
+    # closes the failed call only: the running call keeps its frame.
+    lin = _linear()
+    state = get_offload_state(lin)
+    seen = []
+
+    def inner(module, args, output):
+        if seen:
+            return
+        seen.append("outer")
+        with monkeypatch.context() as mp:
+            mp.setattr(ModuleOffload, "fetch_blobs", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+            with disable_offloading(), pytest.raises(OSError):
+                lin(torch.ones(2, 8))
+        seen.append(state._frame is not None and state._depth == 1)
+
+    lin.register_forward_hook(inner)
+    lin(torch.ones(2, 8))
+    assert seen == ["outer", True]
+    assert state._frame is None and state._depth == 0
+
+
 def test_scope_limited_to_one_model(reads):
     model_a, model_b = _mlp(0), _mlp(1)
     offload_model(model_a, "cpu", "cpu")
