@@ -182,6 +182,8 @@ def remove_module_offload(
             restored[e] = restore_tensor(e.layout, storages)
     for e in entries:
         removed[id(e)] = (weakref.ref(e), weakref.ref(restored[e]), where)
+    if state.store.prefetcher is not None:
+        state.store.prefetcher.reset()  # it holds states: a cycle through the store otherwise
     for h in state.hooks:
         h.remove()
     for kind in ("_parameters", "_buffers"):

@@ -172,3 +172,13 @@ class Prefetcher:
         """Waits for and drops every started onload."""
         while self._pending:
             self._pending.popitem(last=False)[1].finish()
+
+    def reset(self) -> None:
+        """Drops every started onload and the learnt order: a module left the store, and
+        nothing here may keep its state (hence the store and its bytes) alive."""
+        self.drain()
+        self._next.clear()
+        self._last = None
+        self._ran.clear()
+        self._window.clear()
+        self._window_bytes = 0

@@ -342,3 +342,28 @@ def test_dispatch_with_map_failure_rolls_back_exactly(model_name):
     if model_name == "tied":
         assert model.lm_head.weight is model.model.embed_tokens.weight
     _check_logits(model, MODELS[model_name])
+
+
+def test_remove_dispatch_frees_offload_files_and_readers_without_gc(tmp_path):
+    # The prefetcher learns the order by holding the modules' states: removing the offload
+    # must let go of them, so the files, pinned memory and reader threads go at once, not
+    # at the next cyclic garbage collection.
+    import threading
+
+    folder = str(tmp_path / "offload")
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    offload_model(model, "cpu", "disk", offload_folder=folder)
+    with torch.no_grad():
+        model(torch.randn(2, 16))
+        model(torch.randn(2, 16))  # the prefetcher has learnt the order: the next modules are read ahead
+    gc.collect()
+    gc.disable()
+    try:
+        remove_dispatch(model)
+        assert not os.path.isdir(folder) or os.listdir(folder) == []
+        for t in threading.enumerate():
+            if t.name.startswith("offload_dist-read"):
+                t.join(timeout=10)  # told to stop when the prefetcher went away
+                assert not t.is_alive()
+    finally:
+        gc.enable()

@@ -301,4 +301,7 @@ def replicate_to_device(model: nn.Module, *, budget: int | None = None, required
         _detach(m)
         m.__dict__["_parameters"] = {n: None if e is None else out[e] for n, e in s.entries["_parameters"].items()}
         m.__dict__["_buffers"] = {n: None if e is None else out[e] for n, e in s.entries["_buffers"].items()}
+    for store in {id(s.store): s.store for _, s in states}.values():
+        if store.prefetcher is not None:
+            store.prefetcher.reset()  # every rank: waits for broadcasts all ranks started
     return True
