@@ -25,7 +25,8 @@ Only modules that have not run yet in the current *pass* are prefetched; a pass 
 when a module runs a second time. Prefetched bytes are therefore never older than the
 last run of their module, so an update between two runs (calibrate a layer, quantize
 it, run it again) is never hidden by a stale prefetch; an update to a module that is
-being prefetched drops that prefetch (single process) or raises (distributed, where
+being prefetched, or to a tensor it shares with one (ties), drops that prefetch
+(single process) or raises (distributed, where
 dropping on one rank alone would desynchronise the collectives). Modules whose tensors
 a ``disable_offloading`` scope already holds are not prefetched.
 """
