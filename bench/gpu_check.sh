@@ -17,8 +17,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_dist.py 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-    python3 bench/run.py --out "$BENCH_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+    # BENCH_TIMEOUT (seconds) stops the run early and still keeps what it measured.
+    timeout "${BENCH_TIMEOUT:-0}" python3 bench/run.py --out "$BENCH_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
     cp "$BENCH_DIR"/results.json "$BENCH_DIR"/table.md "$OUT"/ 2>/dev/null
-    cp "$BENCH_DIR"/fail-*.log "$OUT"/ 2>/dev/null
+    # Traces and failure logs travel as one archive (bench/gputrace.py summarises a trace).
+    (cd "$BENCH_DIR" && tar czf "$OUT/extra.tar.gz" --ignore-failed-read trace-*.gz fail-*.log 2>/dev/null)
 fi
 exit 0

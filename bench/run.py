@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="tiny model on CPU ranks (smoke test)")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", default="2", help="rank counts of the distributed rows, comma-separated (e.g. 2,4,8)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inter", type=int, default=14336)
@@ -95,44 +95,62 @@ def main() -> None:
     if a.quick:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     py = sys.executable
-    trun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
     worker = str(HERE / "worker.py")
     seq = ["--seq", "64" if a.quick else "2048"]
     off = ["--offload-folder", str(out / "offload")]
+    counts = [int(x) for x in str(a.nproc).split(",") if x.strip()]
+
+    def trun(n: int) -> list[str]:
+        return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+
     configs: list[tuple[str, list[str], int, bool]] = []  # name, cmd, ranks, cold cache
+    try:
+        import compressed_tensors  # noqa: F401
+        have_ct = not a.quick
+    except ImportError:
+        have_ct = False
+        print("compressed-tensors not installed: skipped", flush=True)
     if not a.quick:
-        configs += [("hw 1 GPU", [py, str(HERE / "hw.py")], 1, False),
-                    (f"hw {a.nproc} GPUs", [*trun, str(HERE / "hw.py")], a.nproc, False),
-                    (f"placement {a.nproc} GPUs: owner+broadcast vs stripe+all-gather",
-                     [*trun, str(HERE / "strategies.py")], a.nproc, False),
-                    ("resident", [py, worker, "resident", str(ckpt), *seq], 1, False),
+        configs += [("hw 1 GPU", [py, str(HERE / "hw.py")], 1, False)]
+        configs += [(f"hw {n} GPUs", [*trun(n), str(HERE / "hw.py")], n, False) for n in counts]
+        configs += [(f"placement {n} GPUs: owner+broadcast vs stripe+all-gather", [*trun(n), str(HERE / "strategies.py")],
+                     n, False) for n in counts]
+        configs += [("resident", [py, worker, "resident", str(ckpt), *seq], 1, False),
                     ("accelerate cpu_offload", [py, worker, "accelerate", str(ckpt), *seq], 1, False)]
-        try:
-            import compressed_tensors  # noqa: F401
-            configs.append((f"compressed-tensors {a.nproc} ranks", [*trun, worker, "ct", str(ckpt), *seq], a.nproc,
-                            False))
-        except ImportError:
-            print("compressed-tensors not installed: skipped", flush=True)
+        if have_ct:
+            configs += [(f"compressed-tensors {n} ranks", [*trun(n), worker, "ct", str(ckpt), *seq], n, False)
+                        for n in [1, *counts]]
     od = [worker, "od", str(ckpt), *seq, *off]
     deep = ["--prefetch", "64", "--prefetch-bytes", str(2 << 30)]
-    n = a.nproc
     configs += [
         ("offload_dist 1 proc cpu, prefetch 0", [py, *od, "--prefetch", "0"], 1, False),
         ("offload_dist 1 proc cpu, prefetch 2 modules", [py, *od, "--prefetch", "2", "--prefetch-bytes", "0"], 1,
          False),
         ("offload_dist 1 proc cpu, prefetch default", [py, *od], 1, False),
         ("offload_dist 1 proc cpu, prefetch default, pin alloc", [py, *od, "--pin", "alloc"], 1, False),
-        (f"offload_dist {n} ranks cpu, prefetch 0", [*trun, *od, "--prefetch", "0"], n, False),
-        (f"offload_dist {n} ranks cpu, prefetch 2 modules", [*trun, *od, "--prefetch", "2", "--prefetch-bytes", "0"],
-         n, False),
-        (f"offload_dist {n} ranks cpu, prefetch default", [*trun, *od], n, False),
-        (f"offload_dist {n} ranks cpu, prefetch 64 modules/2 GiB", [*trun, *od, *deep], n, False),
-        (f"offload_dist {n} ranks cpu, prefetch default, NCCL normal priority",
-         ["env", "OFFLOAD_DIST_NCCL_HIGH_PRIORITY=0", *trun, *od], n, False),
+    ]
+    for n in counts:
+        configs += [
+            (f"offload_dist {n} ranks cpu, prefetch 0", [*trun(n), *od, "--prefetch", "0"], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch 2 modules",
+             [*trun(n), *od, "--prefetch", "2", "--prefetch-bytes", "0"], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch default", [*trun(n), *od], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch 64 modules/2 GiB", [*trun(n), *od, *deep], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch 64 modules/4 GiB",
+             [*trun(n), *od, "--prefetch", "64", "--prefetch-bytes", str(4 << 30)], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch default, NCCL normal priority",
+             ["env", "OFFLOAD_DIST_NCCL_HIGH_PRIORITY=0", *trun(n), *od], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch default, NCCL at most 4 channels",
+             ["env", "NCCL_MAX_NCHANNELS=4", *trun(n), *od], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch default, profiled",
+             [*trun(n), *od, "--profile", str(out / f"trace-{n}ranks")], n, False),
+        ]
+    configs += [
         ("disk: cold sequential read of the checkpoint", [py, str(HERE / "diskread.py"), str(ckpt)], 1, True),
         ("offload_dist 1 proc disk (cold), prefetch default", [py, *od, "--device-map", "disk"], 1, True),
-        (f"offload_dist {n} ranks disk (cold), prefetch default", [*trun, *od, "--device-map", "disk"], n, True),
     ]
+    configs += [(f"offload_dist {n} ranks disk (cold), prefetch default", [*trun(n), *od, "--device-map", "disk"], n,
+                 True) for n in counts]
     only = {s.strip() for s in a.only.split(";") if s.strip()}
     results = {"bytes": nbytes, "configs": {}}
     for name, cmd, ranks, cold in configs:
@@ -161,12 +179,20 @@ def format_table(results: dict) -> str:
     nbytes = results["bytes"]
     cfgs = results["configs"]
     hw1 = (cfgs.get("hw 1 GPU", {}).get("result") or [{}])[0]
-    hwn = next((c["result"] for n, c in cfgs.items() if n.startswith("hw ") and n != "hw 1 GPU" and c["result"]), None)
     pinned = hw1.get("h2d_pinned_GBps")
-    conc = hwn[0].get("h2d_pinned_concurrent_GBps") if hwn else None
-    ct = next((c for n, c in cfgs.items() if n.startswith("compressed-tensors") and c["result"]), None)
-    ct_fwd = max(_best(r["fwd_s"]) for r in ct["result"]) if ct else None
-    lines = [f"model bytes: {nbytes / 1e9:.2f} GB; pinned H2D: {pinned} GB/s (1 GPU), {conc} GB/s per GPU (all copying)",
+    conc = {1: pinned}  # pinned host->GPU GB/s per GPU with every GPU of the point copying at once
+    for name, c in cfgs.items():
+        if name.startswith("hw ") and name != "hw 1 GPU" and c["result"]:
+            conc[c["ranks"]] = min(r.get("h2d_pinned_concurrent_GBps", 0) for r in c["result"])
+    ct = {c["ranks"]: max(_best(r["fwd_s"]) for r in c["result"])
+          for n, c in cfgs.items() if n.startswith("compressed-tensors") and c["result"]}
+
+    def limit(ranks: int) -> float | None:
+        bw = conc.get(ranks)
+        return nbytes / (bw * 1e9) / ranks if bw else None
+
+    lines = [f"model bytes: {nbytes / 1e9:.2f} GB; pinned H2D GB/s per GPU, all GPUs of the point copying: "
+             + ", ".join(f"{n}: {bw}" for n, bw in sorted(conc.items())),
              "", "| configuration | ranks | load s | forward s (best of later runs, slowest rank) | all forwards (rank 0) "
              "| GB/s per rank | x PCIe limit | vs compressed-tensors | host used, job GB | RSS/USS rank 0 GB "
              "| GPU peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -183,13 +209,34 @@ def format_table(results: dict) -> str:
             continue
         fwd = max(_best(x["fwd_s"]) for x in r)
         ranks = c["ranks"]
-        gbps = nbytes / fwd / 1e9
-        bw = (conc if ranks > 1 else pinned) or None
-        limit = nbytes / (bw * 1e9) / ranks if bw else None
+        lim = limit(ranks)
+        ref = ct.get(ranks)
         lines.append(
-            f"| {name} | {ranks} | {max(x['load_s'] for x in r):.2f} | {fwd:.3f} | {r[0]['fwd_s']} | {gbps:.1f} | "
-            f"{(fwd / limit if limit else float('nan')):.2f} | {(fwd / ct_fwd if ct_fwd else float('nan')):.2f} | "
-            f"{r[0]['host_used_delta_GB']} | {r[0]['rss_GB']}/{r[0]['uss_GB']} | {r[0]['gpu_peak_GB']} |")
+            f"| {name} | {ranks} | {max(x['load_s'] for x in r):.2f} | {fwd:.3f} | {r[0]['fwd_s']} | "
+            f"{nbytes / fwd / 1e9:.1f} | {(fwd / lim if lim else float('nan')):.2f} | "
+            f"{(fwd / ref if ref else float('nan')):.2f} | {r[0]['host_used_delta_GB']} | "
+            f"{r[0]['rss_GB']}/{r[0]['uss_GB']} | {r[0]['gpu_peak_GB']} |")
+    lines += ["", "Scaling (cpu tier, defaults; aggregate = model bytes delivered to all ranks per second):", "",
+              "| ranks | PCIe limit s | offload_dist forward s | aggregate GB/s | x limit | compressed-tensors forward s "
+              "| offload_dist host GB (job) | compressed-tensors host GB (job) | offload_dist load s "
+              "| compressed-tensors load s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, c in cfgs.items():
+        if not (name.startswith("offload_dist") and name.endswith("cpu, prefetch default") and c["result"]):
+            continue
+        n, r = c["ranks"], c["result"]
+        fwd = max(_best(x["fwd_s"]) for x in r)
+        lim = limit(n)
+        ctc = next((v for k, v in cfgs.items() if k == f"compressed-tensors {n} ranks" and v["result"]), None)
+        ct_cells = (f"{max(_best(x['fwd_s']) for x in ctc['result']):.3f}", str(ctc["result"][0]["host_used_delta_GB"]),
+                    f"{max(x['load_s'] for x in ctc['result']):.2f}") if ctc else ("", "", "")
+        lines.append(f"| {n} | {f'{lim:.3f}' if lim else ''} | {fwd:.3f} | {nbytes * n / fwd / 1e9:.0f} | "
+                     f"{(fwd / lim if lim else float('nan')):.2f} | {ct_cells[0]} | {r[0]['host_used_delta_GB']} | "
+                     f"{ct_cells[1]} | {max(x['load_s'] for x in r):.2f} | {ct_cells[2]} |")
+    profiled = [(n, c) for n, c in cfgs.items() if n.endswith("profiled") and c["result"]]
+    for name, c in profiled:
+        lines += ["", f"{name}, rank 0 trace summary:", "", "```",
+                  json.dumps({k: v for k, v in (c["result"][0].get("profile") or {}).items() if k != "busy_per_10ms"}),
+                  "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,31 @@ def _gather(obj, world: int):
     return all_gather_json(obj, tag="bench:result")
 
 
+def _profiled_forward(model, ids, dev: torch.device, prefix: str, rank: int) -> dict:
+    """One more forward under torch.profiler; the trace summary (bench/gputrace.py)."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from gputrace import _load, summarise  # bench/gputrace.py, beside this file
+
+    _sync(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(ids, use_cache=False)
+        _sync(dev)
+    path = f"{prefix}.rank{rank}.json"
+    prof.export_chrome_trace(path)
+    if rank < 2:
+        with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+            g.write(f.read())
+    try:
+        return summarise(_load(path))
+    except Exception as e:  # the trace is kept; the figures go on
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        os.remove(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["resident", "accelerate", "ct", "od"])
@@ -49,6 +74,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--offload-folder", default=None)
+    p.add_argument("--profile", default=None,
+                   help="profile the last forward: write PREFIX.rankN.json.gz (ranks 0 and 1) and add a summary")
     a = p.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -113,10 +140,13 @@ def main() -> None:
             model(ids, use_cache=False)
             _sync(dev)
             times.append(round(time.perf_counter() - t, 4))
+        summary = _profiled_forward(model, ids, dev, a.profile, rank) if a.profile and dev.type == "cuda" else None
     res = {"rank": rank, "load_s": round(load_s, 2), "fwd_s": times, "host_used_delta_GB": round((vm1 - vm0) / 1e9, 2),
            "shm_delta_GB": round((shm1 - shm0) / 1e9, 2), "rss_GB": round(mem.rss / 1e9, 2),
            "uss_GB": round(mem.uss / 1e9, 2),
            "gpu_peak_GB": round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else 0.0}
+    if summary is not None:
+        res["profile"] = summary
     everyone = _gather(res, world)
     if rank == 0:
         print("RESULT " + json.dumps(everyone), flush=True)
