@@ -76,6 +76,9 @@ def main() -> None:
     p.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
                    help="semicolon-separated config names to run (default: all; env BENCH_ONLY)")
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--before", default=None, metavar="DIR",
+                   help="a directory holding an earlier offload_dist package: adds '(before)' rows that run it "
+                        "with the defaults of that version, in the same run")
     a = p.parse_args()
     if a.quick:
         a.layers, a.hidden, a.inter, a.vocab = 2, 128, 352, 1024
@@ -138,6 +141,8 @@ def main() -> None:
             (f"offload_dist {n} ranks cpu, prefetch 64 modules/2 GiB", [*trun(n), *od, *deep], n, False),
             (f"offload_dist {n} ranks cpu, prefetch 64 modules/4 GiB",
              [*trun(n), *od, "--prefetch", "64", "--prefetch-bytes", str(4 << 30)], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch 64 modules/8 GiB",
+             [*trun(n), *od, "--prefetch", "64", "--prefetch-bytes", str(8 << 30)], n, False),
             (f"offload_dist {n} ranks cpu, prefetch default, NCCL normal priority",
              ["env", "OFFLOAD_DIST_NCCL_HIGH_PRIORITY=0", *trun(n), *od], n, False),
             (f"offload_dist {n} ranks cpu, prefetch default, NCCL at most 4 channels",
@@ -145,6 +150,15 @@ def main() -> None:
             (f"offload_dist {n} ranks cpu, prefetch default, profiled",
              [*trun(n), *od, "--profile", str(out / f"trace-{n}ranks")], n, False),
         ]
+    if a.before:
+        # An earlier version, its window given explicitly (its policy default was 1 GiB).
+        old = ["env", f"PYTHONPATH={Path(a.before).resolve()}:{env.get('PYTHONPATH', '')}"]
+        pinned_window = ["--prefetch-bytes", str(1 << 30)]
+        configs += [("offload_dist 1 proc cpu, prefetch default (before)", [*old, py, *od, *pinned_window], 1, False)]
+        configs += [(f"offload_dist {n} ranks cpu, prefetch default (before)", [*old, *trun(n), *od, *pinned_window],
+                     n, False) for n in counts]
+        configs += [("offload_dist 1 proc disk (cold), prefetch default (before)",
+                     [*old, py, *od, *pinned_window, "--device-map", "disk"], 1, True)]
     configs += [
         ("disk: cold sequential read of the checkpoint", [py, str(HERE / "diskread.py"), str(ckpt)], 1, True),
         ("offload_dist 1 proc disk (cold), prefetch default", [py, *od, "--device-map", "disk"], 1, True),

@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("ckpt")
     p.add_argument("--device-map", default="auto_offload")
     p.add_argument("--prefetch", type=int, default=32, help="modules ahead")
-    p.add_argument("--prefetch-bytes", type=int, default=1 << 30, help="bytes ahead")
+    p.add_argument("--prefetch-bytes", type=int, default=None, help="bytes ahead (default: the policy's)")
     p.add_argument("--pin", default="register", choices=["register", "alloc", "off"])
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)

@@ -109,13 +109,16 @@ class OffloadStore:
         policy: cpu-tier allocation and copy options.
         offload_folder: where the disk tier writes; required only if a module is
             offloaded to disk.
+        world_size: ranks that share the modules (sizes the prefetch window, see
+            :meth:`OffloadPolicy.window_bytes`).
     """
 
-    def __init__(self, policy: OffloadPolicy | None = None, offload_folder: str | None = None):
+    def __init__(self, policy: OffloadPolicy | None = None, offload_folder: str | None = None, *,
+                 world_size: int = 1):
         self.policy = policy or OffloadPolicy()
         self.offload_folder = offload_folder
         self._staging: StagingPool | None = None
-        self.prefetcher = (Prefetcher(self.policy.prefetch_depth, self.policy.prefetch_bytes)
+        self.prefetcher = (Prefetcher(self.policy.prefetch_depth, self.policy.window_bytes(world_size))
                            if self.policy.prefetch_depth > 0 else None)
         self._tiers: dict[tuple[Tier, torch.device | None], TierStore] = {}
         # Sharing table, alive only inside ``sharing()``: storage identity -> blob.
@@ -134,6 +137,15 @@ class OffloadStore:
         if self._staging is None:
             self._staging = StagingPool()
         return self._staging
+
+    def seed_order(self, model: torch.nn.Module) -> None:
+        """Predicts the first forward's order from the order ``model`` registers its
+        modules in (see [Note: stream ordering]); forwards then learn the real one."""
+        if self.prefetcher is None:
+            return
+        states = [s for m in model.modules()
+                  if isinstance(s := m.__dict__.get("_offload_dist_state"), ModuleOffload) and s.store is self]
+        self.prefetcher.seed(states)
 
     def onload_for_forward(self, state: ModuleOffload, out: dict[Entry, torch.Tensor],
                            blob_cache: dict[Blob, torch.Tensor] | None = None) -> None:
@@ -297,6 +309,7 @@ class ModuleOffload:
         self.store = store
         self.entries: dict[str, dict[str, Entry | None]] = {"_parameters": {}, "_buffers": {}}
         self._all: list[Entry] | None = None  # derived from entries; reset by changed()
+        self._blobs: list[Blob] | None = None
         self._nbytes: int | None = None
         self.hooks: list = []
         # The forward frame: tensors onloaded for the duration of forward (see
@@ -340,10 +353,9 @@ class ModuleOffload:
         from offload_dist.prefetch import PendingOnload
 
         pending = PendingOnload(self)
-        blobs = list({id(b): b for e in self.all_entries() for b in e.blobs}.values())
+        blobs = self.unique_blobs()
         stream = prefetcher.copy_stream(self.onload_device) if prefetcher is not None else None
-        from_disk = any(b.segment.tier is Tier.DISK for b in blobs)
-        if prefetcher is not None and from_disk:
+        if prefetcher is not None and self.on_disk():
             pending.future = prefetcher.reader().submit(self._fetch_on, blobs, pending, stream)
         else:
             self._fetch_on(blobs, pending, stream)
@@ -358,6 +370,15 @@ class ModuleOffload:
             event = torch.cuda.Event()
             event.record(stream)
         pending.event = event
+
+    def advise_read(self) -> None:
+        """Hints every disk segment of the module that it will be read soon (run on a
+        reader thread: the hint may wait for the disk's request queue)."""
+        for b in self.unique_blobs():
+            b.segment.advise(b.offset, b.offset + b.nbytes)
+
+    def on_disk(self) -> bool:
+        return any(b.segment.tier is Tier.DISK for b in self.unique_blobs())
 
     def is_held(self) -> bool:
         """True when a ``disable_offloading`` scope of this thread holds every tensor."""
@@ -412,9 +433,20 @@ class ModuleOffload:
             self._all = list(seen.values())
         return self._all
 
+    def unique_blobs(self) -> list[Blob]:
+        """Distinct blobs of the module in first-use order (cached; see ``changed``)."""
+        if self._blobs is None:
+            seen: dict[int, Blob] = {}
+            for e in self.all_entries():
+                for b in e.blobs:
+                    seen.setdefault(id(b), b)
+            self._blobs = list(seen.values())
+        return self._blobs
+
     def changed(self) -> None:
         """Forgets what is derived from ``entries``; called whenever they change."""
         self._all = None
+        self._blobs = None
         self._nbytes = None
 
     # -- forward frame -------------------------------------------------------------------
@@ -509,11 +541,7 @@ class ModuleOffload:
     def nbytes(self) -> int:
         """Bytes of the module's distinct blobs."""
         if self._nbytes is None:
-            seen: dict[int, int] = {}
-            for e in self.all_entries():
-                for b in e.blobs:
-                    seen[id(b)] = b.nbytes
-            self._nbytes = sum(seen.values())
+            self._nbytes = sum(b.nbytes for b in self.unique_blobs())
         return self._nbytes
 
 

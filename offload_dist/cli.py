@@ -285,12 +285,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 1
     print(plan.format_table(max_rows=args.max_rows))
     prefetch = OffloadPolicy()
-    peak = _onload_peak(units, prefetch.prefetch_depth, prefetch.prefetch_bytes)
+    window = prefetch.window_bytes(args.nproc)
+    peak = _onload_peak(units, prefetch.prefetch_depth, window)
     largest = max(units, key=lambda u: u.nbytes, default=None)
     if largest is not None:
         print(f"gpu, every rank: up to {format_bytes(peak)} of weights onloaded at once (largest module "
               f"{largest.name!r} {format_bytes(largest.nbytes)}, plus prefetch of up to "
-              f"{prefetch.prefetch_depth} modules / {format_bytes(prefetch.prefetch_bytes)} ahead); "
+              f"{prefetch.prefetch_depth} modules / {format_bytes(window)} ahead); "
               "activations not included")
     return 0 if plan.fits() else 1
 

@@ -8,9 +8,11 @@ choice; nothing here patches ``print`` or silences ranks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
+import torch
 import torch.distributed as dist
 
 PACKAGE_LOGGER = "offload_dist"
@@ -57,3 +59,14 @@ def get_logger(name: str | None = None) -> logging.Logger:
     if not any(isinstance(f, RankFilter) for f in logger.filters):
         logger.addFilter(RankFilter())
     return logger
+
+
+_NO_ANNOTATION = contextlib.nullcontext()
+
+
+def annotate(name: str):
+    """A ``torch.profiler`` range named ``name`` while a profiler runs; otherwise a no-op
+    (a range costs microseconds on the hot path even when nothing records it)."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return _NO_ANNOTATION

@@ -45,11 +45,31 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     module._forward_hooks.move_to_end(state.hooks[1].id)
     state.enter_forward()
     dev = state.onload_device
+    if _on_device(args, dev) and _on_device(kwargs.values(), dev):
+        return None  # the common case, checked without rebuilding the arguments
 
     def move(t: torch.Tensor) -> torch.Tensor:
         return t if t.device == dev else t.to(dev, non_blocking=True)
 
     return tree_map_only(torch.Tensor, move, (args, kwargs))
+
+
+def _on_device(values, dev: torch.device, depth: int = 0) -> bool:
+    """True when every value is a scalar, None or a tensor on ``dev`` (looking into tuples,
+    lists and dicts two deep); False otherwise, and the caller walks the arguments."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.device != dev:
+                return False
+        elif isinstance(v, (tuple, list, dict)):
+            if depth >= 2 or not _on_device(v.values() if isinstance(v, dict) else v, dev, depth + 1):
+                return False
+        elif not (v is None or isinstance(v, _SCALARS)):
+            return False  # another pytree node may hold tensors
+    return True
+
+
+_SCALARS = (bool, int, float, str, torch.dtype, torch.device)
 
 
 def _post_forward(module: nn.Module, args: tuple, output):
@@ -337,6 +357,7 @@ def offload_model(
         except BaseException:
             _undo(done, store)
             raise
+    store.seed_order(model)
     return model
 
 

@@ -41,7 +41,11 @@ class OffloadPolicy:
         prefetch_depth: at most this many modules ahead of the running one are being
             onloaded (see [Note: stream ordering]); 0 onloads each module when it starts.
         prefetch_bytes: and at most this many bytes ahead (the device memory the
-            prefetched modules may take); the next module is always allowed.
+            prefetched modules may take); the next module is always allowed. ``None``
+            (default) means 1 GiB for every rank that copies from its host: 1 GiB in one
+            process, ``world_size`` GiB in a distributed job, where each rank copies only
+            the modules it owns and the window must hold enough of every owner's
+            modules to keep all host->device links busy (see :meth:`window_bytes`).
         pin_method: ``"register"`` pins exact-size allocations in place
             (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
             (see [Note: pinning]).
@@ -50,16 +54,22 @@ class OffloadPolicy:
     pin_memory: bool | None = None
     non_blocking: bool = True
     prefetch_depth: int = 32
-    prefetch_bytes: int = 1 << 30
+    prefetch_bytes: int | None = None
     pin_method: str = "register"
 
     def __post_init__(self) -> None:
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
-        if self.prefetch_bytes < 0:
+        if self.prefetch_bytes is not None and self.prefetch_bytes < 0:
             raise ValueError(f"prefetch_bytes must be >= 0, got {self.prefetch_bytes}")
         if self.pin_method not in ("register", "alloc"):
             raise ValueError(f"pin_method must be 'register' or 'alloc', got {self.pin_method!r}")
+
+    def window_bytes(self, world_size: int = 1) -> int:
+        """The prefetch window in bytes for a job of ``world_size`` ranks."""
+        if self.prefetch_bytes is not None:
+            return self.prefetch_bytes
+        return max(1, world_size) << 30
 
     def should_pin(self) -> bool:
         if self.pin_memory is None:

@@ -4,8 +4,11 @@
 A :class:`Prefetcher` belongs to one store (one model). It learns the execution order
 as it goes: each forward records "B ran after A" (the last successor wins, so a changed
 order, e.g. MoE routing or control flow, is learnt again and stays correct, only a
-prefetch is wasted). When module A starts, the onloads of the ``depth`` modules
-predicted to follow are *started*:
+prefetch is wasted). Before the first forward the order is predicted from the order the
+model registers its modules in (``named_modules()``, the same on every rank), which is
+the execution order of most transformer models, so the first pass is prefetched too.
+When module A starts, the onloads of the ``depth`` modules predicted to follow are
+*started*:
 
 * the copy stream (one per device, owned by the prefetcher) allocates the device
   buffer and issues the host->device copies (``non_blocking`` from pinned memory), then
@@ -14,7 +17,10 @@ predicted to follow are *started*:
   asynchronous collective issued while the copy stream is current, so NCCL waits for
   the copy; every rank predicts the same modules, so every rank issues the same
   collectives in the same order;
-* disk-tier segments are read by a worker thread into pinned memory first.
+* disk-tier segments are read by a worker thread into pinned memory first, and the
+  disk modules predicted past the window (as many bytes again, at least 256 MiB) are
+  hinted to the kernel (``posix_fadvise(WILLNEED)``), so the disk keeps streaming into
+  the page cache while the window's reads and copies run.
 
 When a predicted module starts, the compute stream waits for its event (or collective)
 and every buffer is marked as used by the compute stream (``record_stream``), so the
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Prefetcher", "PendingOnload"]
 
+READ_AHEAD_MIN = 256 << 20  # bytes of disk modules hinted past the window, at least
+
 
 @dataclass
 class PendingOnload:
@@ -54,6 +62,7 @@ class PendingOnload:
     blobs: dict[Blob, torch.Tensor] = field(default_factory=dict)
     event: torch.cuda.Event | None = None  # recorded on the copy stream after the copies
     work: Any = None  # an async collective handle (distributed), waited for in finish()
+    buffers: list[torch.Tensor] = field(default_factory=list)  # device buffers the blobs view, when known
     future: Future | None = None  # a disk read running on the worker thread
 
     def finish(self) -> dict[Entry, torch.Tensor]:
@@ -65,7 +74,7 @@ class PendingOnload:
         if self.event is not None:
             stream = torch.cuda.current_stream(self.state.onload_device)
             stream.wait_event(self.event)
-            for t in self.blobs.values():
+            for t in self.buffers or self.blobs.values():
                 if t.device.type == "cuda":
                     t.record_stream(stream)
         return self.state.restore_from(self.blobs)
@@ -87,11 +96,14 @@ class Prefetcher:
         self._next: dict[int, ModuleOffload] = {}  # id(state) -> the state that ran after it last
         self._last: ModuleOffload | None = None
         self._ran: set[int] = set()  # ids of the states that ran in the current pass
-        self._window: list[ModuleOffload] = []  # the modules predicted to run next, in order
+        self._window: collections.deque[ModuleOffload] = collections.deque()  # predicted to run next, in order
+        self._members: set[int] = set()  # ids of the window's states
         self._window_bytes = 0
         self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._reader: ThreadPoolExecutor | None = None
+        self._disk = False  # a module read from disk ran: read ahead past the window
+        self._advised: set[int] = set()  # ids of the states read ahead in this pass
 
     def copy_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         """The side stream on which onloads to ``device`` are issued (None off CUDA)."""
@@ -118,9 +130,19 @@ class Prefetcher:
         self._last = state
         if id(state) in self._ran:
             self._ran.clear()  # a new pass
+            self._advised.clear()
         self._ran.add(id(state))
         self._look_ahead(state)
+        if self._disk or state.on_disk():
+            self._disk = True
+            self._read_ahead()
         return pending.finish()
+
+    def seed(self, states: list[ModuleOffload]) -> None:
+        """Predicts that ``states`` run in this order, where no order was learnt yet."""
+        for a, b in zip(states, states[1:]):
+            if a is not b:
+                self._next.setdefault(id(a), b)
 
     def is_pending(self, state: ModuleOffload) -> bool:
         return id(state) in self._pending
@@ -142,32 +164,55 @@ class Prefetcher:
                 if any(id(b) in ids for e in p.state.all_entries() for b in e.blobs)]
 
     def _look_ahead(self, state: ModuleOffload) -> None:
-        window, nxt, ran, pending = self._window, self._next, self._ran, self._pending
+        window, members, nxt, ran, pending = self._window, self._members, self._next, self._ran, self._pending
         # The window of predicted modules slides by one when the prediction came true.
-        if window and window[0] is state:
-            window.pop(0)
+        slid = bool(window) and window[0] is state
+        if slid:
+            window.popleft()
+            members.discard(id(state))
             self._window_bytes -= state.nbytes()
         else:
             window.clear()
+            members.clear()
             self._window_bytes = 0
-        members = {id(s) for s in window}
+        first_new = len(window)
         cur: ModuleOffload | None = window[-1] if window else state
         while len(window) < self.depth:
             cur = nxt.get(id(cur))
             if cur is None or id(cur) in ran or id(cur) in members or cur is state:
                 break
-            if window and self._window_bytes + cur.nbytes() > self.max_bytes:
+            nbytes = cur.nbytes()
+            if window and self._window_bytes + nbytes > self.max_bytes:
                 break
             window.append(cur)
             members.add(id(cur))
-            self._window_bytes += cur.nbytes()
+            self._window_bytes += nbytes
         # Drop predictions that fell out of the window (oldest first; same on every rank).
-        if any(k not in members for k in pending):
+        # After a slide every pending onload is still in the window (take() popped this one).
+        if not slid and any(k not in members for k in pending):
             for key in [k for k in pending if k not in members]:
                 pending.pop(key).finish()  # waited for, then freed: never left in flight
-        for s in window:
+        for i in range(0 if not slid else first_new, len(window)):
+            s = window[i]
             if id(s) not in pending and s._frame is None and not s.is_held():
                 pending[id(s)] = s.start_onload(self)
+
+    def _read_ahead(self) -> None:
+        """Asks the kernel to start reading the disk modules predicted in the next
+        ``max_bytes`` (at least ``READ_AHEAD_MIN``) past the window into the page cache, so
+        the disk keeps streaming while the window's reads and copies run (the page cache
+        is host memory; the window bounds device memory)."""
+        cur = self._window[-1] if self._window else self._last
+        ahead, steps, horizon = 0, 0, max(self.max_bytes, READ_AHEAD_MIN)
+        while cur is not None and ahead < horizon and steps < 4 * max(self.depth, 1):
+            cur = self._next.get(id(cur))
+            if cur is None or id(cur) in self._ran or id(cur) in self._members:
+                break
+            ahead += cur.nbytes()
+            steps += 1
+            if id(cur) not in self._advised and cur.on_disk():
+                self._advised.add(id(cur))
+                self.reader().submit(cur.advise_read)
 
     def drain(self) -> None:
         """Waits for and drops every started onload."""
@@ -182,4 +227,6 @@ class Prefetcher:
         self._last = None
         self._ran.clear()
         self._window.clear()
+        self._members.clear()
         self._window_bytes = 0
+        self._advised.clear()

@@ -16,7 +16,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from models import input_ids, tiny_tied
+from models import input_ids, tiny_llama, tiny_tied
 from torch import nn
 
 from offload_dist import (disable_offloading, disable_onloading, get_execution_device, get_offloaded_device,
@@ -24,7 +24,7 @@ from offload_dist import (disable_offloading, disable_onloading, get_execution_d
                           set_onload_device, update_offload_parameter)
 from offload_dist.cache import ModuleOffload, OffloadCache
 from offload_dist.module import get_offload_state
-from offload_dist.policy import Tier
+from offload_dist.policy import OffloadPolicy, Tier
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -431,6 +431,90 @@ def test_update_tied_weight_drops_the_other_modules_prefetch(folder):
     with torch.no_grad():
         model(ids)
     assert seen == [True]
+
+
+# -- prefetch order and window ------------------------------------------------------------
+
+
+def _pending_at_each_module(model: nn.Module) -> list[int]:
+    """For one forward: how many onloads had been started ahead when each offloaded
+    module's forward began (read after offload_dist's own pre-hook)."""
+    counts: list[int] = []
+    for m in model.modules():
+        state = get_offload_state(m)
+        if state is not None:
+            m.register_forward_pre_hook(lambda mod, args, st=state: counts.append(len(st.store.prefetcher._pending)))
+    with torch.no_grad():
+        model(input_ids(1, 4))
+    return counts
+
+
+def test_first_forward_is_prefetched_in_registration_order():
+    model = tiny_llama()
+    ref = tiny_llama()
+    offload_model(model, "cpu", "cpu")
+    counts = _pending_at_each_module(model)
+    # The order was never seen, yet the modules that follow were started ahead.
+    assert max(counts) > 1, counts
+    with torch.no_grad():
+        assert torch.equal(model(input_ids(1, 4)).logits, ref(input_ids(1, 4)).logits)
+
+
+def test_a_wrong_predicted_order_stays_correct():
+    # Registration order differs from execution order: predictions are dropped, the
+    # forward is right, and the next pass predicts the order it learnt.
+    class Backwards(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(self.b(self.c(x)))
+
+    torch.manual_seed(0)
+    model, x = Backwards(), torch.randn(2, 8)
+    want = model(x)
+    offload_model(model, "cpu", "cpu")
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), want)
+    prefetcher = get_offload_state(model.a).store.prefetcher
+    assert prefetcher._next[id(get_offload_state(model.c))] is get_offload_state(model.b)
+
+
+def test_prefetch_window_default_grows_with_ranks():
+    assert OffloadPolicy().window_bytes() == 1 << 30
+    assert OffloadPolicy().window_bytes(4) == 4 << 30
+    assert OffloadPolicy(prefetch_bytes=123).window_bytes(4) == 123
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        OffloadPolicy(prefetch_bytes=-1)
+
+
+def test_disk_modules_past_the_window_are_read_ahead(folder, monkeypatch):
+    from offload_dist.tiers.disk import DiskSegment
+
+    advised: list[tuple[str, int, int]] = []
+    lock = threading.Lock()
+    original = DiskSegment.advise
+
+    def record(self, start, end):
+        with lock:
+            advised.append((self.path, start, end))
+        original(self, start, end)  # the real hint must not fail either
+
+    monkeypatch.setattr(DiskSegment, "advise", record)
+    model = tiny_llama()
+    ref = tiny_llama()
+    # A window of one module: everything else predicted is read ahead instead.
+    offload_model(model, "cpu", "disk", offload_folder=folder, policy=OffloadPolicy(prefetch_bytes=0))
+    with torch.no_grad():
+        got = model(input_ids(1, 4)).logits
+    store = get_offload_state(model.lm_head).store
+    store.prefetcher.reader().submit(lambda: None).result()  # the hints queued before it ran
+    states = [s for m in model.modules() if (s := get_offload_state(m)) is not None]
+    assert len(advised) >= len(states) // 2, (len(advised), len(states))
+    assert {p for p, _, _ in advised} <= {os.path.join(folder, f) for f in os.listdir(folder)}
+    assert torch.equal(got, ref(input_ids(1, 4)).logits)
 
 
 # -- helpers -------------------------------------------------------------------------------

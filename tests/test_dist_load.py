@@ -204,6 +204,8 @@ def _load_cases(rank: int, cases: list[dict], out_root: str) -> dict:
             "forward_reads": forward_reads,
             "folder": os.path.realpath(folder),
             "folder_files": files,
+            "window": next(od.module.get_offload_state(m) for m in model.modules()
+                           if od.module.get_offload_state(m) is not None).store.prefetcher.max_bytes,
         })
         del model
     return out
@@ -225,6 +227,7 @@ def _check_case(case: dict, results: list[dict], i: int, ckpts) -> None:
             f"(max |diff| {(c['logits'] - ref_logits[r]).abs().max():.3g})"
         assert c["holdings"]["wrong"] == [], f"{what}: rank {r}: {c['holdings']['wrong']}"
         assert c["holdings"]["shared_cpu_segments"] == 0, f"{what}: rank {r} put cpu-tier bytes in shared memory"
+        assert c["window"] == world << 30, f"{what}: rank {r} prefetch window {c['window']} (default: 1 GiB a rank)"
 
     # Bytes held: the whole model once over all ranks, nothing more than alignment on top.
     sd_bytes, nonpersistent = _model_bytes(ref_model)

@@ -349,20 +349,22 @@ def test_stalled_rank_fails_the_job_within_the_timeout(ckpt, tmp_path):
 
 def test_divergent_order_without_check_mode_times_out(ckpt, tmp_path):
     """Without OFFLOAD_DIST_CHECK_COLLECTIVES each rank broadcasts a module of its own: the
-    ranks are stuck in different broadcasts and every rank raises at the group's timeout."""
+    ranks are stuck in different broadcasts and every rank raises by the group's timeout."""
     root = tmp_path / "job"
     root.mkdir()
     results = run_ranks(_fault_rank, 2, tmp_path, args=({"step": "diverge", "victim": -1}, str(ckpt), str(root)),
                         timeout=120, raise_on_error=False, env={"OFFLOAD_DIST_TIMEOUT": str(SHORT_TIMEOUT_S)})
     assert _live_rank_processes() == []
     for r, res in enumerate(results):
+        print(f"  rank {r}: {str(res['error'])[:400]}")
+    for r, res in enumerate(results):
         assert isinstance(res, dict), f"rank {r}: {res!r}"
         kind, msg = res["error"]
-        assert kind == "CollectiveError" and "Timed out" in msg, f"rank {r}: {kind}: {msg}"
+        # The rank whose timeout fires first exits; the other may see that before its own.
+        assert kind == "CollectiveError" and ("Timed out" in msg or "closed by peer" in msg), f"rank {r}: {kind}: {msg}"
         assert re.search(r"collective '(broadcast_bytes:\d+@\d|barrier)", msg), msg
+    assert any("Timed out" in res["error"][1] for res in results), results
     took = [res["t_error"] - res["t_fault"] for res in results]
-    for r, res in enumerate(results):
-        print(f"  rank {r}: {str(res['error'])[:400]}")
     print(f"\ndivergent order: seconds from the divergent forward to error: {[f'{t:.2f}' for t in took]}")
     assert all(t < SHORT_TIMEOUT_S + SLACK_S for t in took), took
 

@@ -30,6 +30,7 @@ bytes.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +43,7 @@ from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore
 from offload_dist.dist import collectives
 from offload_dist.log import get_logger
 from offload_dist.policy import Tier
+from offload_dist.prefetch import PendingOnload
 from offload_dist.tensors import aligned_offsets, restore_tensor
 from offload_dist.tiers.base import Segment, TierStore
 
@@ -107,6 +109,19 @@ class DistModuleOffload(ModuleOffload):
         self.rank = rank
         self.group = group
         self._warned = False
+        self._wire: tuple[list[Blob], list[int], int] | None = None
+
+    def changed(self) -> None:
+        super().changed()
+        self._wire = None
+
+    def wire_layout(self) -> tuple[list[Blob], list[int], int]:
+        """The module's blobs in wire order, their offsets in the buffer, its size (cached)."""
+        if self._wire is None:
+            blobs = self.unique_blobs()
+            offsets, total = wire_offsets(blobs)
+            self._wire = (blobs, offsets, total)
+        return self._wire
 
     @property
     def is_owner(self) -> bool:
@@ -116,8 +131,7 @@ class DistModuleOffload(ModuleOffload):
         entries = self.all_entries()
         if all(e in out for e in entries):
             return  # held by a scope; the same on every rank (see the note)
-        blobs = wire_blobs(entries)
-        offsets, total = wire_offsets(blobs)
+        blobs, offsets, total = self.wire_layout()
         dev = self.onload_device
         if self.is_owner:
             buf = self._owner_wire_buffer(blobs, offsets, total)
@@ -132,13 +146,8 @@ class DistModuleOffload(ModuleOffload):
 
     def start_onload(self, prefetcher):
         """Starts the broadcast of this module from its owner (see [Note: stream ordering])."""
-        import contextlib
-
-        from offload_dist.prefetch import PendingOnload
-
         pending = PendingOnload(self)
-        blobs = wire_blobs(self.all_entries())
-        offsets, total = wire_offsets(blobs)
+        blobs, offsets, total = self.wire_layout()
         stream = prefetcher.copy_stream(self.onload_device) if prefetcher is not None else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if self.is_owner:
@@ -149,6 +158,7 @@ class DistModuleOffload(ModuleOffload):
             if stream is not None:
                 pending.event = torch.cuda.Event()
                 pending.event.record(stream)
+        pending.buffers.append(buf)
         for b, off in zip(blobs, offsets):
             pending.blobs[b] = buf[off:off + b.nbytes]
         return pending

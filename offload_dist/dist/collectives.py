@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from offload_dist.dist.init import require_init
+from offload_dist.log import annotate
 
 ENV_CHECK = "OFFLOAD_DIST_CHECK_COLLECTIVES"
 
@@ -278,7 +279,7 @@ def broadcast_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None
         return buf
     with _failures_named(op, f"{tag}@{src}"):
         _check_order(op, f"{tag}@{src}:{buf.numel()}", group, world)
-        with torch.profiler.record_function("offload_dist::broadcast"):
+        with annotate("offload_dist::broadcast"):
             work = _staged(buf, group)
             dist.broadcast(work, src, group=group)
     if work is not buf:
@@ -289,13 +290,13 @@ def broadcast_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None
 def send_bytes(buf: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None, *, tag: str = "") -> None:
     """Sends a 1D ``uint8`` buffer to rank ``dst`` (point to point; ``dst`` must call
     :func:`recv_bytes` with a buffer of the same size). ``tag`` names it in errors."""
-    with _failures_named("send_bytes", f"{tag}->rank {dst}"), torch.profiler.record_function("offload_dist::send"):
+    with _failures_named("send_bytes", f"{tag}->rank {dst}"), annotate("offload_dist::send"):
         dist.send(_staged(buf, group), dst, group=group)
 
 
 def recv_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None = None, *, tag: str = "") -> torch.Tensor:
     """Receives what rank ``src`` sent with :func:`send_bytes` into ``buf``. ``tag`` names it in errors."""
-    with _failures_named("recv_bytes", f"{tag}<-rank {src}"), torch.profiler.record_function("offload_dist::recv"):
+    with _failures_named("recv_bytes", f"{tag}<-rank {src}"), annotate("offload_dist::recv"):
         work = _staged(buf, group)
         dist.recv(work, src, group=group)
     if work is not buf:
@@ -358,7 +359,7 @@ def broadcast_bytes_async(buf: torch.Tensor, src: int, group: dist.ProcessGroup 
         return _Pending(None)
     with _failures_named(op, f"{tag}@{src}"):
         _check_order(op, f"{tag}@{src}:{buf.numel()}", group, world)
-        with torch.profiler.record_function("offload_dist::broadcast"):
+        with annotate("offload_dist::broadcast"):
             work_buf = _staged(buf, group)
             work = dist.broadcast(work_buf, src, group=group, async_op=True)
     return _Pending(work, work_buf if work_buf is not buf else None, buf, f"{tag}@{src}")

@@ -232,7 +232,7 @@ def load_distributed(
                         "options differ between ranks")
 
     # 4. Bytes to owners.
-    store = OffloadStore(policy, offload_folder)
+    store = OffloadStore(policy, offload_folder, world_size=ctx.world_size)
     bytes_read = 0
     entries_by_key: dict[str, Entry] = {}
     bar = None
@@ -337,6 +337,7 @@ def load_distributed(
     for module, state, params, buffers in installed:
         install_offload(module, state, params, buffers)
     register_onload_groups(model, onload_groups)
+    store.seed_order(model)
 
     mine = {"bytes_read": bytes_read, "modules": sum(1 for _, s, _, _ in installed if s.is_owner),
             "cpu_bytes": 0, "disk_bytes": 0}

@@ -35,6 +35,10 @@ class Segment(abc.ABC):
     def raw(self) -> torch.Tensor:
         """The bytes at rest: a CPU or device tensor, or a meta tensor for disk."""
 
+    def advise(self, start: int, end: int) -> None:
+        """Hints that bytes ``[start, end)`` will be read soon (disk: start reading them
+        into the page cache). A no-op where reads are cheap."""
+
     def write(self, start: int, data: torch.Tensor) -> None:
         """Overwrites bytes in place. Tiers that cannot (disk) raise ``NotImplementedError``."""
         raise NotImplementedError(f"{type(self).__name__} cannot be written in place")

@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from offload_dist.tiers.disk import StagingPool
 
-from offload_dist.log import get_logger
+from offload_dist.log import annotate, get_logger
 from offload_dist.policy import OffloadPolicy, Tier
 from offload_dist.tiers.base import Segment, TierStore
 
@@ -46,7 +46,7 @@ class CpuSegment(Segment):
         view = self.data[start:end]
         if device.type == "cpu":
             return view
-        with torch.profiler.record_function("offload_dist::h2d"):
+        with annotate("offload_dist::h2d"):
             return view.to(device, non_blocking=non_blocking and self.pinned)
 
     def raw(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from offload_dist.log import annotate
 from offload_dist.policy import Tier
 from offload_dist.tiers.base import Segment, TierStore
 
@@ -154,7 +155,7 @@ class DiskSegment(Segment):
         pin = device.type == "cuda"
         if pin and staging is not None:
             return staging.read_to_device(self.path, self.offset + start, end - start, device)
-        with torch.profiler.record_function("offload_dist::disk_read"):
+        with annotate("offload_dist::disk_read"):
             buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
             _read_into(self.path, self.offset + start, buf)
         if device.type == "cpu":
@@ -163,6 +164,20 @@ class DiskSegment(Segment):
 
     def raw(self) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
+
+    def advise(self, start: int, end: int) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # the read itself reports it
+        try:
+            os.posix_fadvise(fd, self.offset + start, end - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # a hint only
+        finally:
+            os.close(fd)
 
 
 class StagingPool:
@@ -199,7 +214,7 @@ class StagingPool:
         """Bytes ``[offset, offset + nbytes)`` of ``path`` as a new uint8 tensor on ``device``."""
         out = torch.empty(nbytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.current_stream(device)
-        with torch.profiler.record_function("offload_dist::disk_read"):
+        with annotate("offload_dist::disk_read"):
             for pos in range(0, nbytes, self.chunk):
                 n = min(self.chunk, nbytes - pos)
                 buf = self._acquire()
