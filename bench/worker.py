@@ -71,6 +71,9 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, default=32, help="modules ahead")
     p.add_argument("--prefetch-bytes", type=int, default=None, help="bytes ahead (default: the policy's)")
     p.add_argument("--pin", default="register", choices=["register", "alloc", "off"])
+    p.add_argument("--disk-readers", type=int, default=None, help="OffloadPolicy.disk_readers (default: the policy's)")
+    p.add_argument("--disk-read-ahead", type=int, default=None, choices=[0, 1],
+                   help="OffloadPolicy.disk_read_ahead (default: the policy's)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--offload-folder", default=None)
@@ -94,8 +97,12 @@ def main() -> None:
         od.barrier()
         vm0 = psutil.virtual_memory().used
         t0 = time.perf_counter()
-        policy = od.OffloadPolicy(prefetch_depth=a.prefetch, prefetch_bytes=a.prefetch_bytes, pin_method="register" if a.pin == "off" else a.pin,
-                                  pin_memory=False if a.pin == "off" else None)
+        disk = {k: v for k, v in (("disk_readers", a.disk_readers),
+                                  ("disk_read_ahead", None if a.disk_read_ahead is None else bool(a.disk_read_ahead)))
+                if v is not None}  # only what was asked: an earlier version may lack the fields
+        policy = od.OffloadPolicy(prefetch_depth=a.prefetch, prefetch_bytes=a.prefetch_bytes,
+                                  pin_method="register" if a.pin == "off" else a.pin,
+                                  pin_memory=False if a.pin == "off" else None, **disk)
         with od.load_offloaded_model(policy=policy):
             model = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype="auto", device_map=a.device_map,
                                                          offload_folder=a.offload_folder)

@@ -49,6 +49,11 @@ class OffloadPolicy:
         pin_method: ``"register"`` pins exact-size allocations in place
             (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
             (see [Note: pinning]).
+        disk_readers: threads that read prefetched disk-tier modules (in the order they
+            are predicted to run).
+        disk_read_ahead: hint the kernel to read the disk modules predicted past the
+            prefetch window into the page cache (``posix_fadvise``), from a thread of its
+            own.
     """
 
     pin_memory: bool | None = None
@@ -56,12 +61,16 @@ class OffloadPolicy:
     prefetch_depth: int = 32
     prefetch_bytes: int | None = None
     pin_method: str = "register"
+    disk_readers: int = 4
+    disk_read_ahead: bool = True
 
     def __post_init__(self) -> None:
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
         if self.prefetch_bytes is not None and self.prefetch_bytes < 0:
             raise ValueError(f"prefetch_bytes must be >= 0, got {self.prefetch_bytes}")
+        if self.disk_readers < 1:
+            raise ValueError(f"disk_readers must be >= 1, got {self.disk_readers}")
         if self.pin_method not in ("register", "alloc"):
             raise ValueError(f"pin_method must be 'register' or 'alloc', got {self.pin_method!r}")
 

@@ -86,13 +86,17 @@ class Prefetcher:
     Args:
         depth: at most how many modules ahead to start; 0 disables prefetching.
         max_bytes: at most how many bytes ahead (the next module is always started).
+        readers: threads that read disk-tier modules.
+        read_ahead: hint the disk modules past the window to the kernel.
     """
 
-    def __init__(self, depth: int, max_bytes: int = 1 << 30):
+    def __init__(self, depth: int, max_bytes: int = 1 << 30, *, readers: int = 4, read_ahead: bool = True):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.depth = depth
         self.max_bytes = max_bytes
+        self.readers = readers
+        self.read_ahead = read_ahead
         self._next: dict[int, ModuleOffload] = {}  # id(state) -> the state that ran after it last
         self._last: ModuleOffload | None = None
         self._ran: set[int] = set()  # ids of the states that ran in the current pass
@@ -102,6 +106,7 @@ class Prefetcher:
         self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._reader: ThreadPoolExecutor | None = None
+        self._hinter: ThreadPoolExecutor | None = None  # read-ahead hints: never in the readers' queue
         self._disk = False  # a module read from disk ran: read ahead past the window
         self._advised: set[int] = set()  # ids of the states read ahead in this pass
 
@@ -116,8 +121,13 @@ class Prefetcher:
 
     def reader(self) -> ThreadPoolExecutor:
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="offload_dist-read")
+            self._reader = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="offload_dist-read")
         return self._reader
+
+    def hinter(self) -> ThreadPoolExecutor:
+        if self._hinter is None:
+            self._hinter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload_dist-hint")
+        return self._hinter
 
     def take(self, state: ModuleOffload) -> dict[Entry, torch.Tensor]:
         """The tensors of ``state`` for its forward: from a prefetch, or onloaded now."""
@@ -133,7 +143,7 @@ class Prefetcher:
             self._advised.clear()
         self._ran.add(id(state))
         self._look_ahead(state)
-        if self._disk or state.on_disk():
+        if self.read_ahead and (self._disk or state.on_disk()):
             self._disk = True
             self._read_ahead()
         return pending.finish()
@@ -212,7 +222,7 @@ class Prefetcher:
             steps += 1
             if id(cur) not in self._advised and cur.on_disk():
                 self._advised.add(id(cur))
-                self.reader().submit(cur.advise_read)
+                self.hinter().submit(cur.advise_read)
 
     def drain(self) -> None:
         """Waits for and drops every started onload."""

@@ -488,6 +488,22 @@ def test_prefetch_window_default_grows_with_ranks():
     assert OffloadPolicy(prefetch_bytes=123).window_bytes(4) == 123
     with pytest.raises(ValueError, match="prefetch_bytes"):
         OffloadPolicy(prefetch_bytes=-1)
+    with pytest.raises(ValueError, match="disk_readers"):
+        OffloadPolicy(disk_readers=0)
+
+
+def test_no_read_ahead_when_turned_off(folder, monkeypatch):
+    from offload_dist.tiers.disk import DiskSegment
+
+    calls = []
+    monkeypatch.setattr(DiskSegment, "advise", lambda self, start, end: calls.append(start))
+    model = tiny_llama()
+    offload_model(model, "cpu", "disk", offload_folder=folder,
+                  policy=OffloadPolicy(prefetch_bytes=0, disk_read_ahead=False, disk_readers=1))
+    with torch.no_grad():
+        model(input_ids(1, 4))
+        model(input_ids(1, 4))
+    assert calls == []
 
 
 def test_disk_modules_past_the_window_are_read_ahead(folder, monkeypatch):
@@ -510,7 +526,7 @@ def test_disk_modules_past_the_window_are_read_ahead(folder, monkeypatch):
     with torch.no_grad():
         got = model(input_ids(1, 4)).logits
     store = get_offload_state(model.lm_head).store
-    store.prefetcher.reader().submit(lambda: None).result()  # the hints queued before it ran
+    store.prefetcher.hinter().submit(lambda: None).result()  # the hints queued before it ran
     states = [s for m in model.modules() if (s := get_offload_state(m)) is not None]
     assert len(advised) >= len(states) // 2, (len(advised), len(states))
     assert {p for p, _, _ in advised} <= {os.path.join(folder, f) for f in os.listdir(folder)}
