@@ -139,15 +139,6 @@ class OffloadStore:
             self._staging = StagingPool()
         return self._staging
 
-    def seed_order(self, model: torch.nn.Module) -> None:
-        """Predicts the first forward's order from the order ``model`` registers its
-        modules in (see [Note: stream ordering]); forwards then learn the real one."""
-        if self.prefetcher is None:
-            return
-        states = [s for m in model.modules()
-                  if isinstance(s := m.__dict__.get("_offload_dist_state"), ModuleOffload) and s.store is self]
-        self.prefetcher.seed(states)
-
     def onload_for_forward(self, state: ModuleOffload, out: dict[Entry, torch.Tensor],
                            blob_cache: dict[Blob, torch.Tensor] | None = None) -> None:
         """Fills ``out`` with every tensor of ``state`` for its forward, using a prefetch

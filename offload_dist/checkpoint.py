@@ -292,7 +292,6 @@ def load_checkpoint_offloaded(
         for m in installed:
             remove_module_offload(m)
         raise
-    store.seed_order(model)
     return model
 
 

@@ -228,7 +228,6 @@ def dispatch_with_map(
             for m in done:
                 remove_module_offload(m, _restored=restored, _blobs=blobs)
             raise
-    store.seed_order(model)
     return model
 
 

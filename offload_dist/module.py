@@ -357,7 +357,6 @@ def offload_model(
         except BaseException:
             _undo(done, store)
             raise
-    store.seed_order(model)
     return model
 
 

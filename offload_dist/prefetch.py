@@ -4,11 +4,8 @@
 A :class:`Prefetcher` belongs to one store (one model). It learns the execution order
 as it goes: each forward records "B ran after A" (the last successor wins, so a changed
 order, e.g. MoE routing or control flow, is learnt again and stays correct, only a
-prefetch is wasted). Before the first forward the order is predicted from the order the
-model registers its modules in (``named_modules()``, the same on every rank), which is
-the execution order of most transformer models, so the first pass is prefetched too.
-When module A starts, the onloads of the ``depth`` modules predicted to follow are
-*started*:
+prefetch is wasted). When module A starts, the onloads of the ``depth`` modules
+predicted to follow are *started*:
 
 * the copy stream (one per device, owned by the prefetcher) allocates the device
   buffer and issues the host->device copies (``non_blocking`` from pinned memory), then
@@ -147,12 +144,6 @@ class Prefetcher:
             self._disk = True
             self._read_ahead()
         return pending.finish()
-
-    def seed(self, states: list[ModuleOffload]) -> None:
-        """Predicts that ``states`` run in this order, where no order was learnt yet."""
-        for a, b in zip(states, states[1:]):
-            if a is not b:
-                self._next.setdefault(id(a), b)
 
     def is_pending(self, state: ModuleOffload) -> bool:
         return id(state) in self._pending

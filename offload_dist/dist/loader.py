@@ -337,7 +337,6 @@ def load_distributed(
     for module, state, params, buffers in installed:
         install_offload(module, state, params, buffers)
     register_onload_groups(model, onload_groups)
-    store.seed_order(model)
 
     mine = {"bytes_read": bytes_read, "modules": sum(1 for _, s, _, _ in installed if s.is_owner),
             "cpu_bytes": 0, "disk_bytes": 0}
