@@ -1,6 +1,7 @@
-"""Bar chart of the forward time per configuration from bench/run.py's results.json.
+"""Plots from bench/run.py's results.json (needs matplotlib).
 
-    python bench/plot.py RESULTS_JSON OUT_PNG      # needs matplotlib
+    python bench/plot.py RESULTS_JSON OUT_PNG             # forward time per configuration
+    python bench/plot.py --scaling RESULTS_JSON OUT_PNG   # forward time against ranks
 """
 
 from __future__ import annotations
@@ -9,12 +10,55 @@ import json
 import sys
 
 
+def _fwd(r: list[dict]) -> float:
+    return max(min(x["fwd_s"][1:] or x["fwd_s"]) for x in r)
+
+
+def scaling(results: dict, out: str) -> None:
+    """offload_dist and compressed-tensors forward time at each rank count, and the PCIe limit."""
+    import matplotlib.pyplot as plt
+
+    cfgs, nbytes = results["configs"], results["bytes"]
+    od, ct, limit = {}, {}, {}
+    for name, c in cfgs.items():
+        r, n = c["result"], c["ranks"]
+        if not r:
+            continue
+        if name.startswith("offload_dist") and name.endswith("cpu, prefetch default"):
+            od[n] = _fwd(r) * 1e3
+        elif name.startswith("compressed-tensors"):
+            ct[n] = _fwd(r) * 1e3
+        elif name.startswith("hw "):
+            bw = min(x.get("h2d_pinned_concurrent_GBps", x["h2d_pinned_GBps"]) for x in r)
+            limit[n] = nbytes / (bw * 1e9) / n * 1e3
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, data, style in (("compressed-tensors", ct, "s--"), ("offload_dist", od, "o-"),
+                               ("PCIe limit (pinned H2D, all GPUs copying)", limit, "k:")):
+        xs = sorted(data)
+        ax.plot(xs, [data[x] for x in xs], style, label=label)
+        for x in xs:
+            ax.annotate(f"{data[x]:.0f}", (x, data[x]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(set(od) | set(ct)))
+    ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
+    ax.set_xlabel("ranks (one GPU each)")
+    ax.set_ylabel("offloaded forward per rank (ms, log scale)")
+    ax.set_title(f"{nbytes / 1e9:.2f} GB Llama, 1 x 2048 tokens per rank")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if sys.argv[1] == "--scaling":
+        scaling(json.load(open(sys.argv[2])), sys.argv[3])
+        return
     results = json.load(open(sys.argv[1]))
     names, times, colors = [], [], []
     for name, c in results["configs"].items():
