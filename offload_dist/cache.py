@@ -518,6 +518,8 @@ class ModuleOffload:
     def write_at_rest(self, entry: Entry, data: torch.Tensor, what: str) -> None:
         """Writes ``data`` into the offloaded bytes of ``entry``: in place, or (disk) as a new file."""
         if all(b.segment.tier is not Tier.DISK for b in entry.blobs):
+            for b in entry.blobs:
+                b.segment.quiesce()  # a copy issued earlier (non_blocking) may still read the old bytes
             copy_into(self.at_rest(entry), data, what)
         else:
             self._rewrite_disk(entry, data, what)

@@ -35,6 +35,9 @@ class Segment(abc.ABC):
     def raw(self) -> torch.Tensor:
         """The bytes at rest: a CPU or device tensor, or a meta tensor for disk."""
 
+    def quiesce(self) -> None:
+        """Waits until no asynchronous copy still reads these bytes (before a host write)."""
+
     def advise(self, start: int, end: int) -> None:
         """Hints that bytes ``[start, end)`` will be read soon (disk: start reading them
         into the page cache). A no-op where reads are cheap."""

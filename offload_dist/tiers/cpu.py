@@ -40,14 +40,23 @@ class CpuSegment(Segment):
         self.data = data  # 1D uint8, CPU; pinned (page-locked) when ``pinned``
         self.nbytes = data.numel()
         self.pinned = pinned
+        # CUDA devices that asynchronous copies read these bytes to (a set shared with the
+        # unpinning finalizer): a host write or an unpin waits for them.
+        self.read_on: set[int] = set()
 
     def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
              staging: StagingPool | None = None) -> torch.Tensor:
         view = self.data[start:end]
         if device.type == "cpu":
             return view
+        asynchronous = non_blocking and self.pinned
+        if asynchronous and device.type == "cuda":
+            self.read_on.add(device.index if device.index is not None else torch.cuda.current_device())
         with annotate("offload_dist::h2d"):
-            return view.to(device, non_blocking=non_blocking and self.pinned)
+            return view.to(device, non_blocking=asynchronous)
+
+    def quiesce(self) -> None:
+        _wait_for_devices(self.read_on)
 
     def raw(self) -> torch.Tensor:
         return self.data
@@ -56,9 +65,15 @@ class CpuSegment(Segment):
         self.data[start:start + data.numel()].copy_(data.reshape(-1).view(torch.uint8))
 
 
-def _unregister(ptr: int) -> None:
+def _wait_for_devices(devices: set[int]) -> None:
+    """Waits for the work queued on each CUDA device in ``devices`` (copies reading host bytes)."""
+    for d in sorted(devices):
+        torch.cuda.synchronize(d)
+
+
+def _unregister(ptr: int, read_on: set[int]) -> None:
     try:
-        torch.cuda.synchronize()
+        _wait_for_devices(read_on)  # no copy may still read the pages being unpinned
         torch.cuda.cudart().cudaHostUnregister(ptr)
     except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already
         pass
@@ -92,7 +107,7 @@ class CpuTier(TierStore):
                 if int(err) != 0:
                     raise RuntimeError(f"cudaHostRegister returned {err}")
                 seg = CpuSegment(data, pinned=True)
-                weakref.finalize(seg, _unregister, ptr)
+                weakref.finalize(seg, _unregister, ptr, seg.read_on)
                 return seg
             except (RuntimeError, AssertionError) as e:  # no driver, memlock limit, CPU-only build
                 # Pinning is an optimisation: the bytes are the same, copies are slower.
