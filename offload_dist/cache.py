@@ -363,11 +363,9 @@ class ModuleOffload:
             event.record(stream)
         pending.event = event
 
-    def advise_read(self) -> None:
-        """Hints every disk segment of the module that it will be read soon (run on a
-        reader thread: the hint may wait for the disk's request queue)."""
-        for b in self.unique_blobs():
-            b.segment.advise(b.offset, b.offset + b.nbytes)
+    def read_ranges(self) -> list[tuple[Segment, int, int]]:
+        """``(segment, start, end)`` of every blob of the module (for read-ahead hints)."""
+        return [(b.segment, b.offset, b.offset + b.nbytes) for b in self.unique_blobs()]
 
     def on_disk(self) -> bool:
         return any(b.segment.tier is Tier.DISK for b in self.unique_blobs())

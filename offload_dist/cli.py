@@ -285,7 +285,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 1
     print(plan.format_table(max_rows=args.max_rows))
     prefetch = OffloadPolicy()
-    window = prefetch.window_bytes(args.nproc)
+    window = prefetch.window_bytes(world)
     peak = _onload_peak(units, prefetch.prefetch_depth, window)
     largest = max(units, key=lambda u: u.nbytes, default=None)
     if largest is not None:

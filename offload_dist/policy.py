@@ -46,6 +46,8 @@ class OffloadPolicy:
             process, ``world_size`` GiB in a distributed job, where each rank copies only
             the modules it owns and the window must hold enough of every owner's
             modules to keep all host->device links busy (see :meth:`window_bytes`).
+            Every rank receives every module, so that is up to ``world_size`` GiB of
+            prefetched weights on every GPU.
         pin_method: ``"register"`` pins exact-size allocations in place
             (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
             (see [Note: pinning]).

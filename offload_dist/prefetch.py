@@ -77,6 +77,11 @@ class PendingOnload:
         return self.state.restore_from(self.blobs)
 
 
+def _advise(ranges) -> None:
+    for segment, start, end in ranges:
+        segment.advise(start, end)
+
+
 class Prefetcher:
     """Learns execution order and starts onloads ahead (see [Note: stream ordering]).
 
@@ -177,6 +182,9 @@ class Prefetcher:
             members.clear()
             self._window_bytes = 0
         first_new = len(window)
+        # Every member kept by the slide has a started onload, unless one was skipped
+        # (held, running) or discarded: then all members are looked at again below.
+        rescan = not slid or len(pending) < first_new
         cur: ModuleOffload | None = window[-1] if window else state
         while len(window) < self.depth:
             cur = nxt.get(id(cur))
@@ -193,7 +201,7 @@ class Prefetcher:
         if not slid and any(k not in members for k in pending):
             for key in [k for k in pending if k not in members]:
                 pending.pop(key).finish()  # waited for, then freed: never left in flight
-        for i in range(0 if not slid else first_new, len(window)):
+        for i in range(0 if rescan else first_new, len(window)):
             s = window[i]
             if id(s) not in pending and s._frame is None and not s.is_held():
                 pending[id(s)] = s.start_onload(self)
@@ -213,7 +221,8 @@ class Prefetcher:
             steps += 1
             if id(cur) not in self._advised and cur.on_disk():
                 self._advised.add(id(cur))
-                self.hinter().submit(cur.advise_read)
+                # Plain values only: the hint thread must not touch the state's caches.
+                self.hinter().submit(_advise, cur.read_ranges())
 
     def drain(self) -> None:
         """Waits for and drops every started onload."""
