@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import weakref
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -246,6 +246,15 @@ class OffloadStore:
         return {name: entries[name] for name in tensors}
 
 
+def distinct_blobs(entries: Iterable[Entry]) -> list[Blob]:
+    """Unique blobs of ``entries`` in first-use order."""
+    seen: dict[int, Blob] = {}
+    for e in entries:
+        for b in e.blobs:
+            seen.setdefault(id(b), b)
+    return list(seen.values())
+
+
 def _is_meta_ok(tier: TierStore) -> bool:
     return isinstance(tier, DeviceTier) and tier.device.type == "meta"
 
@@ -342,8 +351,6 @@ class ModuleOffload:
 
     def start_onload(self, prefetcher: Prefetcher | None) -> PendingOnload:
         """Starts onloading every tensor of the module; see [Note: stream ordering]."""
-        from offload_dist.prefetch import PendingOnload
-
         pending = PendingOnload(self)
         blobs = self.unique_blobs()
         stream = prefetcher.copy_stream(self.onload_device) if prefetcher is not None else None
@@ -426,11 +433,7 @@ class ModuleOffload:
     def unique_blobs(self) -> list[Blob]:
         """Distinct blobs of the module in first-use order (cached; see ``changed``)."""
         if self._blobs is None:
-            seen: dict[int, Blob] = {}
-            for e in self.all_entries():
-                for b in e.blobs:
-                    seen.setdefault(id(b), b)
-            self._blobs = list(seen.values())
+            self._blobs = distinct_blobs(self.all_entries())
         return self._blobs
 
     def changed(self) -> None:

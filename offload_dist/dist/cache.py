@@ -39,7 +39,7 @@ from torch import nn
 if TYPE_CHECKING:
     from offload_dist.tiers.disk import StagingPool
 
-from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore
+from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore, distinct_blobs
 from offload_dist.dist import collectives
 from offload_dist.log import get_logger
 from offload_dist.policy import Tier
@@ -81,11 +81,7 @@ class RemoteSegment(Segment):
 
 def wire_blobs(entries: list[Entry]) -> list[Blob]:
     """Unique blobs of ``entries`` in first-use order: the order they travel in."""
-    seen: dict[int, Blob] = {}
-    for e in entries:
-        for b in e.blobs:
-            seen.setdefault(id(b), b)
-    return list(seen.values())
+    return distinct_blobs(entries)
 
 
 def wire_offsets(blobs: list[Blob]) -> tuple[list[int], int]:

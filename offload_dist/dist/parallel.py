@@ -134,7 +134,7 @@ def _private_copy(state: DistModuleOffload) -> tuple[dict, dict]:
     """The owner's tensors of a module, in fresh memory (``fn`` may write in place)."""
     entries = state.all_entries()
     cache: dict[Blob, torch.Tensor] = {}
-    state.fetch_blobs(wire_blobs(entries), cache)
+    state.fetch_blobs(state.unique_blobs(), cache)
     cache = {b: t.clone() for b, t in cache.items()}
     made = {e: restore_tensor(e.layout, [cache[b] for b in e.blobs]) for e in entries}
     return ({n: None if e is None else made[e] for n, e in state.entries["_parameters"].items()},
