@@ -318,6 +318,8 @@ class ModuleOffload:
         self._frame: dict[Entry, torch.Tensor] | None = None
         self._depth = 0
         self._lock = threading.Lock()
+        if store.prefetcher is not None:
+            store.prefetcher.register(self)
 
     # -- reads ---------------------------------------------------------------------------
     def _label(self, name: str) -> str:

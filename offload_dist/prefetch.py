@@ -17,7 +17,10 @@ predicted to follow are *started*:
 * disk-tier segments are read by a worker thread into pinned memory first, and the
   disk modules predicted past the window (as many bytes again, at least 256 MiB) are
   hinted to the kernel (``posix_fadvise(WILLNEED)``), so the disk keeps streaming into
-  the page cache while the window's reads and copies run.
+  the page cache while the window's reads and copies run. Before any order is learnt
+  (the first pass) the hints follow the order the modules were offloaded in, which is
+  the model's module order: right across decoder layers, only approximately inside one
+  (a wrong hint costs page cache, never a stall).
 
 When a predicted module starts, the compute stream waits for its event (or collective)
 and every buffer is marked as used by the compute stream (``record_stream``), so the
@@ -37,6 +40,7 @@ a ``disable_offloading`` scope already holds are not prefetched.
 from __future__ import annotations
 
 import collections
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -111,6 +115,27 @@ class Prefetcher:
         self._hinter: ThreadPoolExecutor | None = None  # read-ahead hints: never in the readers' queue
         self._disk = False  # a module read from disk ran: read ahead past the window
         self._advised: set[int] = set()  # ids of the states read ahead in this pass
+        # The states in the order they were offloaded (weakly): the read-ahead order
+        # before the execution order is learnt.
+        self._order: list[weakref.ref] = []
+        self._index: dict[int, int] = {}
+
+    def register(self, state: ModuleOffload) -> None:
+        """Records ``state`` as offloaded after every state registered before it."""
+        self._index[id(state)] = len(self._order)
+        self._order.append(weakref.ref(state))
+
+    def _registered_after(self, unit) -> ModuleOffload | None:
+        """The state offloaded right after ``unit`` (a group: after its last member)."""
+        last = unit.states[-1] if hasattr(unit, "states") else unit
+        i = self._index.get(id(last))
+        if i is None or self._order[i]() is not last:
+            return None
+        for ref in self._order[i + 1:]:
+            s = ref()
+            if s is not None:
+                return s
+        return None
 
     def copy_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         """The side stream on which onloads to ``device`` are issued (None off CUDA)."""
@@ -210,13 +235,24 @@ class Prefetcher:
         """Asks the kernel to start reading the disk modules predicted in the next
         ``max_bytes`` (at least ``READ_AHEAD_MIN``) past the window into the page cache, so
         the disk keeps streaming while the window's reads and copies run (the page cache
-        is host memory; the window bounds device memory)."""
+        is host memory; the window bounds device memory). Where no successor has been
+        learnt yet, the walk goes on in registration order, stepping over what ran."""
         cur = self._window[-1] if self._window else self._last
         ahead, steps, horizon = 0, 0, max(self.max_bytes, READ_AHEAD_MIN)
-        while cur is not None and ahead < horizon and steps < 4 * max(self.depth, 1):
-            cur = self._next.get(id(cur))
-            if cur is None or id(cur) in self._ran or id(cur) in self._members:
-                break
+        guessing = False  # once on registration order, the walk stays on it
+        while cur is not None and ahead < horizon and steps < 4 * max(self.depth, 8):
+            learnt = None if guessing else self._next.get(id(cur))
+            if learnt is not None:
+                cur = learnt
+                if id(cur) in self._ran or id(cur) in self._members:
+                    break
+            else:
+                guessing = True
+                cur = self._registered_after(cur)
+                if cur is None:
+                    break
+                if id(cur) in self._ran or id(cur) in self._members:
+                    continue  # a guess from registration order: step over, do not stop
             ahead += cur.nbytes()
             steps += 1
             if id(cur) not in self._advised and cur.on_disk():

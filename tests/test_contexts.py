@@ -477,13 +477,18 @@ def test_disk_modules_past_the_window_are_read_ahead(folder, monkeypatch):
     ref = tiny_llama()
     # A window of one module: everything else predicted is read ahead instead.
     offload_model(model, "cpu", "disk", offload_folder=folder, policy=OffloadPolicy(prefetch_bytes=0))
-    with torch.no_grad():
-        model(input_ids(1, 4))  # learns the order
-        assert advised == []
-        got = model(input_ids(1, 4)).logits
     store = get_offload_state(model.lm_head).store
-    store.prefetcher.hinter().submit(lambda: None).result()  # the hints queued before it ran
     states = [s for m in model.modules() if (s := get_offload_state(m)) is not None]
+    with torch.no_grad():
+        model(input_ids(1, 4))  # learns the order; read ahead in registration order meanwhile
+        store.prefetcher.hinter().submit(lambda: None).result()  # the hints queued before it ran
+        first = list(advised)
+        # Every module after the first was hinted before its read, in registration order.
+        expected = [(seg.path, start, end) for s in states[1:] for seg, start, end in s.read_ranges()]
+        assert first == expected
+        advised.clear()
+        got = model(input_ids(1, 4)).logits
+    store.prefetcher.hinter().submit(lambda: None).result()
     assert len(advised) >= len(states) // 2, (len(advised), len(states))
     assert {p for p, _, _ in advised} <= {os.path.join(folder, f) for f in os.listdir(folder)}
     assert torch.equal(got, ref(input_ids(1, 4)).logits)
