@@ -147,18 +147,19 @@ def main() -> None:
              ["env", "OFFLOAD_DIST_NCCL_HIGH_PRIORITY=0", *trun(n), *od], n, False),
             (f"offload_dist {n} ranks cpu, prefetch default, NCCL at most 4 channels",
              ["env", "NCCL_MAX_NCHANNELS=4", *trun(n), *od], n, False),
+            (f"offload_dist {n} ranks cpu, prefetch default, block transfers off",
+             [*trun(n), *od, "--block-transfers", "0"], n, False),
             (f"offload_dist {n} ranks cpu, prefetch default, profiled",
              [*trun(n), *od, "--profile", str(out / f"trace-{n}ranks")], n, False),
         ]
     if a.before:
-        # An earlier version, its window given explicitly (its policy default was 1 GiB).
+        # An earlier version with its own defaults (only options it knows are passed).
         old = ["env", f"PYTHONPATH={Path(a.before).resolve()}:{env.get('PYTHONPATH', '')}"]
-        pinned_window = ["--prefetch-bytes", str(1 << 30)]
-        configs += [("offload_dist 1 proc cpu, prefetch default (before)", [*old, py, *od, *pinned_window], 1, False)]
-        configs += [(f"offload_dist {n} ranks cpu, prefetch default (before)", [*old, *trun(n), *od, *pinned_window],
-                     n, False) for n in counts]
+        configs += [("offload_dist 1 proc cpu, prefetch default (before)", [*old, py, *od], 1, False)]
+        configs += [(f"offload_dist {n} ranks cpu, prefetch default (before)", [*old, *trun(n), *od], n, False)
+                    for n in counts]
         configs += [("offload_dist 1 proc disk (cold), prefetch default (before)",
-                     [*old, py, *od, *pinned_window, "--device-map", "disk"], 1, True)]
+                     [*old, py, *od, "--device-map", "disk"], 1, True)]
     configs += [
         ("disk: cold sequential read of the checkpoint", [py, str(HERE / "diskread.py"), str(ckpt)], 1, True),
         ("offload_dist 1 proc disk (cold), prefetch default", [py, *od, "--device-map", "disk"], 1, True),

@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--disk-readers", type=int, default=None, help="OffloadPolicy.disk_readers (default: the policy's)")
     p.add_argument("--disk-read-ahead", type=int, default=None, choices=[0, 1],
                    help="OffloadPolicy.disk_read_ahead (default: the policy's)")
+    p.add_argument("--block-transfers", type=int, default=None, choices=[0, 1],
+                   help="OffloadPolicy.block_transfers (default: the policy's)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--offload-folder", default=None)
@@ -98,7 +100,8 @@ def main() -> None:
         vm0 = psutil.virtual_memory().used
         t0 = time.perf_counter()
         disk = {k: v for k, v in (("disk_readers", a.disk_readers),
-                                  ("disk_read_ahead", None if a.disk_read_ahead is None else bool(a.disk_read_ahead)))
+                                  ("disk_read_ahead", None if a.disk_read_ahead is None else bool(a.disk_read_ahead)),
+                                  ("block_transfers", None if a.block_transfers is None else bool(a.block_transfers)))
                 if v is not None}  # only what was asked: an earlier version may lack the fields
         policy = od.OffloadPolicy(prefetch_depth=a.prefetch, prefetch_bytes=a.prefetch_bytes,
                                   pin_method="register" if a.pin == "off" else a.pin,

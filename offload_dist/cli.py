@@ -204,6 +204,27 @@ def _units_from_names(ckpt: Checkpoint) -> list[Unit]:
     return [Unit(m, by_module[m]) for m in sorted(by_module, key=_natural_key)]
 
 
+def _transfer_units(units: list[Unit], blocks: list[str]) -> list[Unit]:
+    """The units as they travel at forward: a grouped block is one unit of its summed bytes."""
+    from offload_dist.dist.plan import Unit
+
+    out: list[Unit] = []
+    index: dict[str, int] = {}
+    wanted = set(blocks)
+    for u in units:
+        parts = u.name.split(".")
+        block = next((p for k in range(1, len(parts) + 1) if (p := ".".join(parts[:k])) in wanted), None)
+        if block is None:
+            out.append(u)
+        elif block in index:
+            i = index[block]
+            out[i] = Unit(block, out[i].nbytes + u.nbytes)
+        else:
+            index[block] = len(out)
+            out.append(Unit(block, u.nbytes))
+    return out
+
+
 def _onload_peak(units: list[Unit], depth: int, ahead_bytes: int) -> int:
     """Most weight bytes onloaded at once on one rank: a unit plus its prefetch window."""
     sizes = [u.nbytes for u in units]
@@ -221,7 +242,7 @@ def _onload_peak(units: list[Unit], depth: int, ahead_bytes: int) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Prints the sharding plan for a checkpoint on a job shape; exit 1 if it does not fit."""
     from offload_dist.checkpoint import Checkpoint
-    from offload_dist.dist.plan import PlanError, PlanPolicy, Topology, format_bytes, make_plan
+    from offload_dist.dist.plan import PlanError, PlanPolicy, Topology, format_bytes, group_blocks, make_plan
     from offload_dist.policy import OffloadPolicy, Tier
 
     path = Path(args.checkpoint)
@@ -251,9 +272,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         source = f"tensors grouped by module name, ties unknown ({why})"
 
     world = args.nproc * args.nnodes
+    blocks: list[str] = []
+    if model is not None and OffloadPolicy().block_transfers:
+        from offload_dist.dist.groups import find_blocks
+
+        units, blocks = group_blocks(units, find_blocks(model), world)
     topology = Topology.uniform(world, args.nproc, host_bytes=args.host_mem, disk_bytes=args.disk)
     policy = {"auto": PlanPolicy(), "cpu": PlanPolicy(allow_disk=False), "disk": PlanPolicy(tier=Tier.DISK)}[args.tier]
-    ties = len({u.tie_group for u in units if u.tie_group is not None})
+    ties = len({u.tie_group for u in units if u.tie_group is not None}) - len(blocks)
     print(f"checkpoint: {path}: {len(ckpt.tensors)} tensors, {format_bytes(ckpt.nbytes)} in {len(files)} file(s) "
           "(headers only)")
     print(f"units: {len(units)} modules, {ties} tie group(s): {source}")
@@ -261,6 +287,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"(device_map={_TIER_DEVICE_MAP[args.tier]!r}); per node: host "
           f"{'unlimited' if args.host_mem is None else format_bytes(args.host_mem)}, disk "
           f"{'unlimited' if args.disk is None else format_bytes(args.disk)}")
+    if blocks:
+        print(f"blocks: {len(blocks)} ({blocks[0]} ...): each has one owner and travels in one transfer")
     for note in notes:
         print(note)
     print()
@@ -286,12 +314,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(plan.format_table(max_rows=args.max_rows))
     prefetch = OffloadPolicy()
     window = prefetch.window_bytes(world)
-    peak = _onload_peak(units, prefetch.prefetch_depth, window)
-    largest = max(units, key=lambda u: u.nbytes, default=None)
+    transfers = _transfer_units(units, blocks)
+    peak = _onload_peak(transfers, prefetch.prefetch_depth, window)
+    largest = max(transfers, key=lambda u: u.nbytes, default=None)
     if largest is not None:
-        print(f"gpu, every rank: up to {format_bytes(peak)} of weights onloaded at once (largest module "
+        print(f"gpu, every rank: up to {format_bytes(peak)} of weights onloaded at once (largest transfer "
               f"{largest.name!r} {format_bytes(largest.nbytes)}, plus prefetch of up to "
-              f"{prefetch.prefetch_depth} modules / {format_bytes(window)} ahead); "
+              f"{prefetch.prefetch_depth} transfers / {format_bytes(window)} ahead); "
               "activations not included")
     return 0 if plan.fits() else 1
 

@@ -56,6 +56,12 @@ class OffloadPolicy:
         disk_read_ahead: hint the kernel to read the disk modules predicted past the
             prefetch window into the page cache (``posix_fadvise``), from a thread of its
             own.
+        block_transfers: in jobs loaded by the distributed loader, the modules of each
+            repeated block (a decoder layer: an element of the model's list of layers)
+            get one owner and travel to every rank in one collective, with one prefetch
+            step for the block (see [Note: transfer groups] in
+            :mod:`offload_dist.dist.groups`); blocks too large for that to keep the
+            owners balanced, and blocks holding a list of experts, stay per module.
     """
 
     pin_memory: bool | None = None
@@ -65,6 +71,7 @@ class OffloadPolicy:
     pin_method: str = "register"
     disk_readers: int = 4
     disk_read_ahead: bool = True
+    block_transfers: bool = True
 
     def __post_init__(self) -> None:
         if self.prefetch_depth < 0:

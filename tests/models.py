@@ -29,14 +29,14 @@ def _seeded(build, seed: int, device: torch.device | str | None = None) -> nn.Mo
     return model
 
 
-def _llama_config(tie: bool):
+def _llama_config(tie: bool, layers: int = LAYERS):
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=64,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -49,17 +49,19 @@ def _llama_config(tie: bool):
     return cfg
 
 
-def tiny_llama(tie: bool = False, seed: int = 0, device: torch.device | str | None = None) -> nn.Module:
+def tiny_llama(tie: bool = False, seed: int = 0, device: torch.device | str | None = None,
+               layers: int = LAYERS) -> nn.Module:
     """A 2-layer ``LlamaForCausalLM`` (hidden 32, vocab 128, GQA 4/2 heads), fp32, eval mode.
 
     Args:
         tie: tie ``lm_head.weight`` to ``model.embed_tokens.weight``.
         seed: the weights are a pure function of the seed.
         device: build the tensors there (``"meta"`` for a model without bytes).
+        layers: decoder layers (more layers make each one a smaller share of the model).
     """
     from transformers import LlamaForCausalLM
 
-    model = _seeded(lambda: LlamaForCausalLM(_llama_config(tie)), seed, device)
+    model = _seeded(lambda: LlamaForCausalLM(_llama_config(tie, layers)), seed, device)
     model.to(torch.float32)
     if tie:
         model.tie_weights()

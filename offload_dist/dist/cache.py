@@ -160,20 +160,24 @@ class DistModuleOffload(ModuleOffload):
         return pending
 
     def _owner_wire_buffer(self, blobs: list[Blob], offsets: list[int], total: int) -> torch.Tensor:
+        buf = torch.empty(total, dtype=torch.uint8, device=self.onload_device)
+        self.owner_fill(buf)
+        return buf
+
+    def owner_fill(self, out: torch.Tensor) -> None:
+        """Writes the module's bytes in wire order into ``out`` (on the owner; a copy, never
+        the at-rest bytes, so a collective may write into ``out``)."""
+        blobs, offsets, total = self.wire_layout()
         seg = blobs[0].segment if blobs else None
         base = blobs[0].offset if blobs else 0
         if seg is not None and all(b.segment is seg and b.offset - base == off for b, off in zip(blobs, offsets)):
-            buf = seg.read(base, base + total, self.onload_device, non_blocking=self.store.policy.non_blocking,
-                           staging=self.store.staging())
-            if self.onload_device.type == "cpu" and seg.tier is not Tier.DISK:
-                buf = buf.clone()  # never hand the at-rest bytes to a collective that writes
-            return buf
-        buf = torch.empty(total, dtype=torch.uint8, device=self.onload_device)
+            seg.read_into(base, base + total, out, non_blocking=self.store.policy.non_blocking,
+                          staging=self.store.staging())
+            return
         cache: dict[Blob, torch.Tensor] = {}
         super().fetch_blobs(blobs, cache)
         for b, off in zip(blobs, offsets):
-            buf[off:off + b.nbytes].copy_(cache[b])
-        return buf
+            out[off:off + b.nbytes].copy_(cache[b])
 
     def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
         if self.is_owner:

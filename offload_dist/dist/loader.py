@@ -33,9 +33,10 @@ from torch import nn
 from offload_dist.cache import Blob, Entry, OffloadStore
 from offload_dist.checkpoint import Checkpoint, ModuleTensors, _disk_blobs, contiguous_layout, resolve_model_tensors
 from offload_dist.dist import collectives
-from offload_dist.dist.cache import DistModuleOffload, RemoteSegment, register_onload_groups
+from offload_dist.dist.cache import DistModuleOffload, RemoteSegment, find_group_roots, register_onload_groups
+from offload_dist.dist.groups import find_blocks, register_transfer_groups
 from offload_dist.dist.init import DistContext, current_context
-from offload_dist.dist.plan import NodeSpec, Plan, PlanPolicy, RankSpec, Topology, Unit, make_plan
+from offload_dist.dist.plan import NodeSpec, Plan, PlanPolicy, RankSpec, Topology, Unit, group_blocks, make_plan
 from offload_dist.log import get_logger
 from offload_dist.module import install_offload
 from offload_dist.policy import OffloadPolicy, Tier
@@ -225,6 +226,10 @@ def load_distributed(
     # 3. Match, plan, cross-check.
     work = resolve_model_tensors(model, ckpt)
     units = units_for_load(work)
+    group_roots = find_group_roots(model) if onload_groups is None else list(onload_groups)
+    blocks: list[str] = []
+    if (policy or OffloadPolicy()).block_transfers:
+        units, blocks = group_blocks(units, find_blocks(model, group_roots), ctx.world_size)
     plan = make_plan(units, _topology(ctx, host_bytes, disk_bytes), plan_policy or PlanPolicy())
     digests = collectives.all_gather_json(plan.digest(), tag="load:plan")
     if any(d != digests[0] for d in digests):
@@ -336,7 +341,8 @@ def load_distributed(
         raise LoadError("; ".join(errors))
     for module, state, params, buffers in installed:
         install_offload(module, state, params, buffers)
-    register_onload_groups(model, onload_groups)
+    register_onload_groups(model, group_roots)
+    register_transfer_groups(model, blocks)
 
     mine = {"bytes_read": bytes_read, "modules": sum(1 for _, s, _, _ in installed if s.is_owner),
             "cpu_bytes": 0, "disk_bytes": 0}

@@ -62,6 +62,7 @@ __all__ = [
     "Topology",
     "Unit",
     "format_bytes",
+    "group_blocks",
     "make_plan",
     "units_from_module",
 ]
@@ -994,3 +995,66 @@ def units_from_module(module: torch.nn.Module) -> list[Unit]:
         members[r] = members.get(r, 0) + 1
     return [Unit(names[i], sizes[i], names[roots[i]] if members[roots[i]] > 1 else None)
             for i in range(len(names))]
+
+
+def group_blocks(units: Sequence[Unit], blocks: Sequence[str], world_size: int) -> tuple[list[Unit], list[str]]:
+    """Puts the units inside each block into one tie group: one owner, one tier.
+
+    A *block* is a module path (a decoder layer); its units are the unit named so and
+    those below it. A block joins only if it holds at most ``1 / (2 * world_size)`` of
+    all bytes, so whole blocks still balance the owners, and only if it has at least
+    two units. A block's group merges with the tie groups its units already belong to;
+    every merged group is named after its first unit, as ties are.
+
+    Args:
+        units: in execution order (``units_from_module`` or the loader's).
+        blocks: candidate block paths (see ``offload_dist.dist.groups.find_blocks``).
+        world_size: ranks that will own units.
+
+    Returns:
+        ``(units, grouped)``: the units with their new ``tie_group`` (same order and
+        bytes) and the blocks that were grouped.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    units = list(units)
+    total = sum(u.nbytes for u in units)
+    parent = list(range(len(units)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> None:
+        a, b = find(a), find(b)
+        parent[max(a, b)] = min(a, b)  # the root stays the first unit
+
+    first_of_tie: dict[str, int] = {}
+    for i, u in enumerate(units):
+        if u.tie_group is not None:
+            union(first_of_tie.setdefault(u.tie_group, i), i)
+    wanted = set(blocks)
+    inside: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        parts = u.name.split(".")
+        for k in range(1, len(parts) + 1):
+            if (prefix := ".".join(parts[:k])) in wanted:
+                inside.setdefault(prefix, []).append(i)
+                break
+    grouped: list[str] = []
+    for block in dict.fromkeys(blocks):
+        members = inside.get(block, [])
+        nbytes = sum(units[i].nbytes for i in members)
+        if len(members) < 2 or nbytes * 2 * world_size > total:
+            continue
+        for i in members[1:]:
+            union(members[0], i)
+        grouped.append(block)
+    size: dict[int, int] = {}
+    for i in range(len(units)):
+        size[find(i)] = size.get(find(i), 0) + 1
+    out = [Unit(u.name, u.nbytes, units[find(i)].name if size[find(i)] > 1 or u.tie_group is not None else None)
+           for i, u in enumerate(units)]
+    return out, grouped

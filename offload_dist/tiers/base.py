@@ -31,6 +31,13 @@ class Segment(abc.ABC):
         read through host memory (disk) on their way to a GPU.
         """
 
+    def read_into(self, start: int, end: int, out: torch.Tensor, *, non_blocking: bool = False,
+                  staging: StagingPool | None = None) -> None:
+        """Bytes ``[start, end)`` copied into ``out`` (1D ``uint8``, ``end - start`` long, on
+        any device); asynchronous on the current stream where :meth:`read` would be."""
+        out.copy_(self.read(start, end, out.device, non_blocking=non_blocking, staging=staging),
+                  non_blocking=non_blocking)
+
     @abc.abstractmethod
     def raw(self) -> torch.Tensor:
         """The bytes at rest: a CPU or device tensor, or a meta tensor for disk."""

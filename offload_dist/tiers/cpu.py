@@ -55,6 +55,14 @@ class CpuSegment(Segment):
         with annotate("offload_dist::h2d"):
             return view.to(device, non_blocking=asynchronous)
 
+    def read_into(self, start: int, end: int, out: torch.Tensor, *, non_blocking: bool = False,
+                  staging: StagingPool | None = None) -> None:
+        asynchronous = non_blocking and self.pinned and out.device.type == "cuda"
+        if asynchronous:
+            self.read_on.add(out.device.index if out.device.index is not None else torch.cuda.current_device())
+        with annotate("offload_dist::h2d"):
+            out.copy_(self.data[start:end], non_blocking=asynchronous)
+
     def quiesce(self) -> None:
         _wait_for_devices(self.read_on)
 

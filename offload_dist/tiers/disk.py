@@ -162,6 +162,16 @@ class DiskSegment(Segment):
             return buf
         return buf.to(device, non_blocking=non_blocking and pin)
 
+    def read_into(self, start: int, end: int, out: torch.Tensor, *, non_blocking: bool = False,
+                  staging: StagingPool | None = None) -> None:
+        if out.device.type == "cuda" and staging is not None:
+            staging.read_to_device(self.path, self.offset + start, end - start, out.device, out=out)
+        elif out.device.type == "cpu" and out.is_contiguous():
+            with annotate("offload_dist::disk_read"):
+                _read_into(self.path, self.offset + start, out)
+        else:
+            super().read_into(start, end, out, non_blocking=non_blocking, staging=staging)
+
     def raw(self) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
 
@@ -210,9 +220,12 @@ class StagingPool:
             buf = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
         return buf
 
-    def read_to_device(self, path: str, offset: int, nbytes: int, device: torch.device) -> torch.Tensor:
-        """Bytes ``[offset, offset + nbytes)`` of ``path`` as a new uint8 tensor on ``device``."""
-        out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    def read_to_device(self, path: str, offset: int, nbytes: int, device: torch.device, *,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes ``[offset, offset + nbytes)`` of ``path`` as a uint8 tensor on ``device``: a
+        new one, or ``out``."""
+        if out is None:
+            out = torch.empty(nbytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.current_stream(device)
         with annotate("offload_dist::disk_read"):
             for pos in range(0, nbytes, self.chunk):
