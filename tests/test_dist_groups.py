@@ -95,7 +95,7 @@ def _forward_with_groups(rank: int, path: str, block_transfers: bool, folder: st
               if isinstance(m.__dict__.get("_offload_dist_state"), DistModuleOffload)}
     out["owners"] = {n: s.owner for n, s in states.items()}
     out["tiers"] = {n: plan.tier_of(n).value for n in states}
-    ids = _rank_ids(rank)
+    ids = _rank_ids(rank).to(od.get_execution_device(model))
     logits = []
     with torch.no_grad():
         for i in range(2):
@@ -115,7 +115,7 @@ def _forward_with_groups(rank: int, path: str, block_transfers: bool, folder: st
             tags.clear()
             logits.append(model(ids).logits)
         out["tags_scope"] = list(tags)
-    out["logits"] = logits
+    out["logits"] = [t.cpu() for t in logits]
     return out
 
 
