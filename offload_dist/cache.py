@@ -119,7 +119,8 @@ class OffloadStore:
         self.offload_folder = offload_folder
         self._staging: StagingPool | None = None
         self.prefetcher = (Prefetcher(self.policy.prefetch_depth, self.policy.window_bytes(world_size),
-                                      readers=self.policy.disk_readers, read_ahead=self.policy.disk_read_ahead)
+                                      readers=self.policy.disk_readers, read_ahead=self.policy.disk_read_ahead,
+                                      owners=world_size)
                            if self.policy.prefetch_depth > 0 else None)
         self._tiers: dict[tuple[Tier, torch.device | None], TierStore] = {}
         # Sharing table, alive only inside ``sharing()``: storage identity -> blob.

@@ -53,9 +53,10 @@ class OffloadPolicy:
             (see [Note: pinning]).
         disk_readers: threads that read prefetched disk-tier modules (in the order they
             are predicted to run).
-        disk_read_ahead: hint the kernel to read the disk modules predicted past the
-            prefetch window into the page cache (``posix_fadvise``), from a thread of its
-            own.
+        disk_read_ahead: read the disk modules predicted past the prefetch window into
+            the page cache ahead of time, on ``disk_readers`` threads of their own
+            (chunks already cached are skipped); before the order is learnt, the modules
+            registered after the running one.
         block_transfers: in jobs loaded by the distributed loader, the modules of each
             repeated block (a decoder layer: an element of the model's list of layers)
             get one owner and travel to every rank in one collective, with one prefetch

@@ -16,8 +16,9 @@ predicted to follow are *started*:
   collectives in the same order;
 * disk-tier segments are read by a worker thread into pinned memory first, and the
   disk modules predicted past the window (as many bytes again, at least 256 MiB) are
-  hinted to the kernel (``posix_fadvise(WILLNEED)``), so the disk keeps streaming into
-  the page cache while the window's reads and copies run. Before any order is learnt
+  read ahead into the page cache by threads of their own (see [Note: read-ahead] in
+  :mod:`offload_dist.tiers.disk`), so the disk keeps streaming while the window's reads
+  and copies run. Before any order is learnt
   (the first pass) the hints follow the order the modules were offloaded in, which is
   the model's module order: right across decoder layers, only approximately inside one
   (a wrong hint costs page cache, never a stall).
@@ -26,6 +27,15 @@ When a predicted module starts, the compute stream waits for its event (or colle
 and every buffer is marked as used by the compute stream (``record_stream``), so the
 caching allocator cannot hand its memory to the copy stream before the compute that
 reads it has finished. A prediction not taken within ``depth`` steps is dropped.
+
+[Note: owner shares]
+In a distributed job each rank copies only the modules it owns, so what keeps every
+host link busy is each owner's bytes in the window, not the window's total. A module
+much larger than the rest (the embedding, first in the forward) fills a byte-bounded
+window on its own while the other owners run out of work. So when the window reaches
+``max_bytes`` while some owner holds less than ``max_bytes / world_size`` of it, it
+grows on, up to twice ``max_bytes``. Owners are known on every rank, so every rank
+still predicts the same window.
 
 Only modules that have not run yet in the current *pass* are prefetched; a pass ends
 when a module runs a second time. Prefetched bytes are therefore never older than the
@@ -81,6 +91,12 @@ class PendingOnload:
         return self.state.restore_from(self.blobs)
 
 
+def _owner_bytes(unit) -> dict[int, int]:
+    """Bytes of ``unit`` by owner rank (a distributed unit says; otherwise none)."""
+    get = getattr(unit, "owner_bytes", None)
+    return get() if get is not None else {}
+
+
 def _advise(ranges) -> None:
     for segment, start, end in ranges:
         segment.advise(start, end)
@@ -94,9 +110,11 @@ class Prefetcher:
         max_bytes: at most how many bytes ahead (the next module is always started).
         readers: threads that read disk-tier modules.
         read_ahead: hint the disk modules past the window to the kernel.
+        owners: ranks whose modules the window holds (see [Note: owner shares]).
     """
 
-    def __init__(self, depth: int, max_bytes: int = 1 << 30, *, readers: int = 4, read_ahead: bool = True):
+    def __init__(self, depth: int, max_bytes: int = 1 << 30, *, readers: int = 4, read_ahead: bool = True,
+                 owners: int = 1):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.depth = depth
@@ -109,12 +127,15 @@ class Prefetcher:
         self._window: collections.deque[ModuleOffload] = collections.deque()  # predicted to run next, in order
         self._members: set[int] = set()  # ids of the window's states
         self._window_bytes = 0
+        self.owners = owners
+        self._owned: collections.Counter[int] = collections.Counter()  # window bytes by owner rank
         self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._reader: ThreadPoolExecutor | None = None
         self._hinter: ThreadPoolExecutor | None = None  # read-ahead hints: never in the readers' queue
         self._disk = False  # a module read from disk ran: read ahead past the window
         self._advised: set[int] = set()  # ids of the states read ahead in this pass
+        self._hints: collections.deque[Future] = collections.deque()  # read-ahead jobs not known to be done
         # The states in the order they were offloaded (weakly): the read-ahead order
         # before the execution order is learnt.
         self._order: list[weakref.ref] = []
@@ -152,9 +173,15 @@ class Prefetcher:
         return self._reader
 
     def hinter(self) -> ThreadPoolExecutor:
+        """Threads that carry out read-ahead hints (as many as ``readers``)."""
         if self._hinter is None:
-            self._hinter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload_dist-hint")
+            self._hinter = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="offload_dist-hint")
         return self._hinter
+
+    def wait_read_ahead(self) -> None:
+        """Waits until every read-ahead hint given so far has been carried out."""
+        while self._hints:
+            self._hints.popleft().result()
 
     def take(self, state: ModuleOffload) -> dict[Entry, torch.Tensor]:
         """The tensors of ``state`` for its forward: from a prefetch, or onloaded now."""
@@ -198,14 +225,18 @@ class Prefetcher:
         window, members, nxt, ran, pending = self._window, self._members, self._next, self._ran, self._pending
         # The window of predicted modules slides by one when the prediction came true.
         slid = bool(window) and window[0] is state
+        owned = self._owned
         if slid:
             window.popleft()
             members.discard(id(state))
             self._window_bytes -= state.nbytes()
+            if self.owners > 1:
+                owned.subtract(_owner_bytes(state))
         else:
             window.clear()
             members.clear()
             self._window_bytes = 0
+            owned.clear()
         first_new = len(window)
         # Every member kept by the slide has a started onload, unless one was skipped
         # (held, running) or discarded: then all members are looked at again below.
@@ -216,11 +247,13 @@ class Prefetcher:
             if cur is None or id(cur) in ran or id(cur) in members or cur is state:
                 break
             nbytes = cur.nbytes()
-            if window and self._window_bytes + nbytes > self.max_bytes:
+            if window and self._window_bytes + nbytes > self.max_bytes and not self._starved(nbytes):
                 break
             window.append(cur)
             members.add(id(cur))
             self._window_bytes += nbytes
+            if self.owners > 1:
+                owned.update(_owner_bytes(cur))
         # Drop predictions that fell out of the window (oldest first; same on every rank).
         # After a slide every pending onload is still in the window (take() popped this one).
         if not slid and any(k not in members for k in pending):
@@ -230,6 +263,14 @@ class Prefetcher:
             s = window[i]
             if id(s) not in pending and s._frame is None and not s.is_held():
                 pending[id(s)] = s.start_onload(self)
+
+    def _starved(self, nbytes: int) -> bool:
+        """True when the window may grow past ``max_bytes`` (up to twice that) because an
+        owner holds less than its share of it (see [Note: owner shares])."""
+        if self.owners <= 1 or self._window_bytes + nbytes > 2 * self.max_bytes:
+            return False
+        share = self.max_bytes // self.owners
+        return any(self._owned.get(rank, 0) < share for rank in range(self.owners))
 
     def _read_ahead(self) -> None:
         """Asks the kernel to start reading the disk modules predicted in the next
@@ -258,7 +299,9 @@ class Prefetcher:
             if id(cur) not in self._advised and cur.on_disk():
                 self._advised.add(id(cur))
                 # Plain values only: the hint thread must not touch the state's caches.
-                self.hinter().submit(_advise, cur.read_ranges())
+                while self._hints and self._hints[0].done():
+                    self._hints.popleft()
+                self._hints.append(self.hinter().submit(_advise, cur.read_ranges()))
 
     def drain(self) -> None:
         """Waits for and drops every started onload."""
@@ -275,4 +318,5 @@ class Prefetcher:
         self._window.clear()
         self._members.clear()
         self._window_bytes = 0
+        self._owned.clear()
         self._advised.clear()

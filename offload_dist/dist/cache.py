@@ -119,6 +119,10 @@ class DistModuleOffload(ModuleOffload):
             self._wire = (blobs, offsets, total)
         return self._wire
 
+    def owner_bytes(self) -> dict[int, int]:
+        """This module's bytes by owner rank (the prefetch window's owner shares)."""
+        return {self.owner: self.nbytes()}
+
     @property
     def is_owner(self) -> bool:
         return self.rank == self.owner

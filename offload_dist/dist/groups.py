@@ -107,6 +107,9 @@ class TransferGroup:
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
 
+    def owner_bytes(self) -> dict[int, int]:
+        return {owner: total for owner, _, total in self.parts()}
+
     def on_disk(self) -> bool:
         return any(s.on_disk() for s in self.states)
 

@@ -176,18 +176,58 @@ class DiskSegment(Segment):
         return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
 
     def advise(self, start: int, end: int) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
+        """Brings bytes ``[start, end)`` into the page cache ahead of their read (see
+        [Note: read-ahead])."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
             return  # the read itself reports it
         try:
-            os.posix_fadvise(fd, self.offset + start, end - start, os.POSIX_FADV_WILLNEED)
+            _warm(fd, self.offset + start, self.offset + end)
         except OSError:
-            pass  # a hint only
+            pass  # a hint only: the read itself reports what is wrong
         finally:
             os.close(fd)
+
+
+# [Note: read-ahead]
+# A hint that bytes will be read soon is carried out by reading them: plain positional
+# reads of WARM_CHUNK bytes into a scratch buffer, which the kernel turns into large
+# requests and keeps in the page cache, so that the forward's own read finds them there.
+# Several hint threads read at once (a disk's bandwidth often needs several requests in
+# flight). Before each chunk a small read with RWF_NOWAIT asks whether it is cached
+# already (a later pass over a model that fits in the page cache): then it is skipped and
+# costs no copy. Where the file system cannot answer RWF_NOWAIT, the hint falls back to
+# posix_fadvise(WILLNEED).
+
+WARM_CHUNK = 8 << 20
+_PROBE = 4096
+
+
+def _warm(fd: int, lo: int, hi: int) -> None:
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    scratch = None
+    pos = lo
+    while pos < hi:
+        n = min(WARM_CHUNK, hi - pos)
+        if nowait is not None:
+            probe = bytearray(min(n, _PROBE))
+            try:
+                if os.preadv(fd, [probe], pos, nowait) == len(probe):
+                    pos += n  # cached already
+                    continue
+            except BlockingIOError:
+                pass  # not cached: read it below
+            except OSError:
+                nowait = None  # RWF_NOWAIT unsupported here
+        if nowait is None:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, pos, hi - pos, os.POSIX_FADV_WILLNEED)
+                return
+        if scratch is None:
+            scratch = bytearray(WARM_CHUNK)
+        os.preadv(fd, [memoryview(scratch)[:n]], pos)
+        pos += n
 
 
 class StagingPool:
