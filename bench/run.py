@@ -166,11 +166,13 @@ def main() -> None:
     ]
     configs += [(f"offload_dist {n} ranks disk (cold), prefetch default", [*trun(n), *od, "--device-map", "disk"], n,
                  True) for n in counts]
-    for readers in (1, 2, 4):
+    for readers in (1, 2, 4, 8):
         for ahead in (0, 1):
             configs += [(f"offload_dist 1 proc disk (cold), {readers} readers, read-ahead {'on' if ahead else 'off'}",
                          [py, *od, "--device-map", "disk", "--disk-readers", str(readers), "--disk-read-ahead",
                           str(ahead)], 1, True)]
+    configs += [("offload_dist 1 proc disk (cold), 4 readers, read-ahead on, 4 GiB window",
+                 [py, *od, "--device-map", "disk", "--prefetch-bytes", str(4 << 30)], 1, True)]
     only = {s.strip() for s in a.only.split(";") if s.strip()}
     results = {"bytes": nbytes, "configs": {}}
     for name, cmd, ranks, cold in configs:
