@@ -120,7 +120,7 @@ class OffloadStore:
         self._staging: StagingPool | None = None
         self.prefetcher = (Prefetcher(self.policy.prefetch_depth, self.policy.window_bytes(world_size),
                                       readers=self.policy.disk_readers, read_ahead=self.policy.disk_read_ahead,
-                                      owners=world_size)
+                                      owners=world_size, grow_to=self.policy.window_limit(world_size))
                            if self.policy.prefetch_depth > 0 else None)
         self._tiers: dict[tuple[Tier, torch.device | None], TierStore] = {}
         # Sharing table, alive only inside ``sharing()``: storage identity -> blob.

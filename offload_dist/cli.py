@@ -314,13 +314,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(plan.format_table(max_rows=args.max_rows))
     prefetch = OffloadPolicy()
     window = prefetch.window_bytes(world)
+    limit = prefetch.window_limit(world)
     transfers = _transfer_units(units, blocks)
-    peak = _onload_peak(transfers, prefetch.prefetch_depth, window)
+    peak = _onload_peak(transfers, prefetch.prefetch_depth, limit)
     largest = max(transfers, key=lambda u: u.nbytes, default=None)
     if largest is not None:
         print(f"gpu, every rank: up to {format_bytes(peak)} of weights onloaded at once (largest transfer "
               f"{largest.name!r} {format_bytes(largest.nbytes)}, plus prefetch of up to "
-              f"{prefetch.prefetch_depth} transfers / {format_bytes(window)} ahead); "
+              f"{prefetch.prefetch_depth} transfers / {format_bytes(window)} ahead, "
+              f"{format_bytes(limit)} while an owner is short of its share); "
               "activations not included")
     return 0 if plan.fits() else 1
 

@@ -30,6 +30,9 @@ class Tier(enum.Enum):
     DISK = "disk"
 
 
+WINDOW_MAX_GIB = 4  # the default prefetch window grows by 1 GiB per rank up to this
+
+
 @dataclass(frozen=True)
 class OffloadPolicy:
     """How the cpu tier allocates and copies.
@@ -42,11 +45,13 @@ class OffloadPolicy:
             onloaded (see [Note: stream ordering]); 0 onloads each module when it starts.
         prefetch_bytes: and at most this many bytes ahead (the device memory the
             prefetched modules may take); the next module is always allowed. ``None``
-            (default) means 1 GiB for every rank that copies from its host: 1 GiB in one
-            process, ``world_size`` GiB in a distributed job, where each rank copies only
-            the modules it owns and the window must hold enough of every owner's
-            modules to keep all host->device links busy (see :meth:`window_bytes`).
-            Every rank receives every module, so that is up to ``world_size`` GiB of
+            (default) means 1 GiB for every rank that copies from its host, up to
+            ``WINDOW_MAX_GIB``: 1 GiB in one process, ``min(world_size, 4)`` GiB in a
+            distributed job, where each rank copies only the modules it owns and the
+            window must hold enough of every owner's modules to keep the host->device
+            links busy (see :meth:`window_bytes`). In a distributed job the window may
+            grow by half again while an owner holds less than its share of it
+            (:meth:`window_limit`). Every rank receives every module, so that is the
             prefetched weights on every GPU.
         pin_method: ``"register"`` pins exact-size allocations in place
             (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
@@ -88,7 +93,14 @@ class OffloadPolicy:
         """The prefetch window in bytes for a job of ``world_size`` ranks."""
         if self.prefetch_bytes is not None:
             return self.prefetch_bytes
-        return max(1, world_size) << 30
+        return min(max(1, world_size), WINDOW_MAX_GIB) << 30
+
+    def window_limit(self, world_size: int = 1) -> int:
+        """The most bytes the window may hold: :meth:`window_bytes`, and in a distributed
+        job half as much again while an owner holds less than its share (see [Note: owner
+        shares] in :mod:`offload_dist.prefetch`)."""
+        window = self.window_bytes(world_size)
+        return window if world_size <= 1 else window + window // 2
 
     def should_pin(self) -> bool:
         if self.pin_memory is None:

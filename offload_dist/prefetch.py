@@ -34,8 +34,9 @@ host link busy is each owner's bytes in the window, not the window's total. A mo
 much larger than the rest (the embedding, first in the forward) fills a byte-bounded
 window on its own while the other owners run out of work. So when the window reaches
 ``max_bytes`` while some owner holds less than ``max_bytes / world_size`` of it, it
-grows on, up to twice ``max_bytes``. Owners are known on every rank, so every rank
-still predicts the same window.
+grows on, up to ``grow_to`` (by default half as much again:
+``OffloadPolicy.window_limit``). Owners are known on every rank, so every rank still
+predicts the same window.
 
 Only modules that have not run yet in the current *pass* are prefetched; a pass ends
 when a module runs a second time. Prefetched bytes are therefore never older than the
@@ -111,10 +112,12 @@ class Prefetcher:
         readers: threads that read disk-tier modules.
         read_ahead: hint the disk modules past the window to the kernel.
         owners: ranks whose modules the window holds (see [Note: owner shares]).
+        grow_to: the most bytes the window may grow to while an owner holds less than
+            its share (default ``max_bytes``: no growth).
     """
 
     def __init__(self, depth: int, max_bytes: int = 1 << 30, *, readers: int = 4, read_ahead: bool = True,
-                 owners: int = 1):
+                 owners: int = 1, grow_to: int | None = None):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.depth = depth
@@ -128,6 +131,7 @@ class Prefetcher:
         self._members: set[int] = set()  # ids of the window's states
         self._window_bytes = 0
         self.owners = owners
+        self.grow_to = max_bytes if grow_to is None else max(grow_to, max_bytes)
         self._owned: collections.Counter[int] = collections.Counter()  # window bytes by owner rank
         self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -265,9 +269,9 @@ class Prefetcher:
                 pending[id(s)] = s.start_onload(self)
 
     def _starved(self, nbytes: int) -> bool:
-        """True when the window may grow past ``max_bytes`` (up to twice that) because an
+        """True when the window may grow past ``max_bytes`` (up to ``grow_to``) because an
         owner holds less than its share of it (see [Note: owner shares])."""
-        if self.owners <= 1 or self._window_bytes + nbytes > 2 * self.max_bytes:
+        if self.owners <= 1 or self._window_bytes + nbytes > self.grow_to:
             return False
         share = self.max_bytes // self.owners
         return any(self._owned.get(rank, 0) < share for rank in range(self.owners))

@@ -438,8 +438,13 @@ def test_update_tied_weight_drops_the_other_modules_prefetch(folder):
 
 def test_prefetch_window_default_grows_with_ranks():
     assert OffloadPolicy().window_bytes() == 1 << 30
+    assert OffloadPolicy().window_bytes(2) == 2 << 30
     assert OffloadPolicy().window_bytes(4) == 4 << 30
+    assert OffloadPolicy().window_bytes(16) == 4 << 30  # capped
     assert OffloadPolicy(prefetch_bytes=123).window_bytes(4) == 123
+    assert OffloadPolicy().window_limit() == 1 << 30  # one process: no owners to balance
+    assert OffloadPolicy().window_limit(2) == 3 << 30
+    assert OffloadPolicy(prefetch_bytes=100).window_limit(8) == 150
     with pytest.raises(ValueError, match="prefetch_bytes"):
         OffloadPolicy(prefetch_bytes=-1)
     with pytest.raises(ValueError, match="disk_readers"):
@@ -481,7 +486,7 @@ def test_window_grows_until_every_owner_has_its_share(owners):
 
     # A big first unit of rank 0, then blocks of 20 bytes alternating between ranks 1 and 0.
     units = [_Unit("emb", 90, 0)] + [_Unit(f"b{i}", 20, 1 - i % 2) for i in range(10)]
-    p = Prefetcher(32, 100, read_ahead=False, owners=owners)
+    p = Prefetcher(32, 100, read_ahead=False, owners=owners, grow_to=200)
     for u in units:  # first pass: learns the order
         p.take(u)
     p.take(units[0])  # second pass: the window after the first unit
