@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +193,9 @@ def _disk_blobs(infos: list[TensorInfo]) -> list[Blob]:
     return blobs  # type: ignore[return-value]
 
 
+_LOAD_THREADS = 8  # threads that read checkpoint tensors into the cpu tier while loading
+
+
 def _read_blobs(infos: list[TensorInfo], store: OffloadStore, tier: Tier, device: torch.device | None,
                 label: str) -> list[Blob]:
     """Reads checkpoint tensors once into one packed segment of the cpu or device tier."""
@@ -253,11 +257,21 @@ def load_checkpoint_offloaded(
             placement_of[mname] = placement
     work = [(w.name, w.module, placement_of[w.name], w.items) for w in resolve_model_tensors(model, ckpt, strict)]
 
-    # Pass 2: put bytes in their tiers and install the caches.
+    # Pass 2: put bytes in their tiers and install the caches. Reads into the cpu tier
+    # (allocate, pin, read) run on a few threads ahead of the installation, which stays
+    # in module order on this thread.
     entries_by_name: dict[str, Entry] = {}
     installed: list[nn.Module] = []
+    store.tier(Tier.CPU)  # made here, not raced for by the reading threads
+    pool = ThreadPoolExecutor(max_workers=_LOAD_THREADS, thread_name_prefix="offload_dist-load")
+    reads: dict[int, Future] = {}
     try:
-        for mname, m, placement, items in work:
+        for i, (mname, m, placement, items) in enumerate(work):
+            tier_kind, _ = parse_tier(placement.offload, placement.onload)
+            infos = [info for _, _, info in items.values() if info is not None]
+            if tier_kind is Tier.CPU and infos:
+                reads[i] = pool.submit(_read_blobs, infos, store, Tier.CPU, None, mname or type(m).__name__)
+        for i, (mname, m, placement, items) in enumerate(work):
             label = mname or type(m).__name__
             tier_kind, tier_dev = parse_tier(placement.offload, placement.onload)
             tier = store.tier(tier_kind, tier_dev) if tier_kind is not Tier.DISK or offload_folder else None
@@ -265,6 +279,8 @@ def load_checkpoint_offloaded(
             infos = [info for *_, info in from_ckpt]
             if tier_kind is Tier.DISK:
                 blobs = _disk_blobs(infos)
+            elif i in reads:
+                blobs = reads.pop(i).result()
             else:
                 blobs = _read_blobs(infos, store, tier_kind, tier_dev, label) if infos else []
             entries: dict[str, Entry | None] = {}
@@ -289,9 +305,13 @@ def load_checkpoint_offloaded(
             installed.append(m)
     except BaseException:
         from offload_dist.module import remove_module_offload
+        for f in reads.values():
+            f.cancel()
+        pool.shutdown(wait=True)  # reads still running finish; their bytes are dropped with them
         for m in installed:
             remove_module_offload(m)
         raise
+    pool.shutdown(wait=True)
     return model
 
 
