@@ -35,6 +35,8 @@ def scaling(results: dict, out: str) -> None:
     for label, data, style in (("compressed-tensors", ct, "s--"), ("offload_dist", od, "o-"),
                                ("PCIe limit (pinned H2D, all GPUs copying)", limit, "k:")):
         xs = sorted(data)
+        if not xs:
+            continue  # not measured in this run
         ax.plot(xs, [data[x] for x in xs], style, label=label)
         for x in xs:
             ax.annotate(f"{data[x]:.0f}", (x, data[x]), textcoords="offset points", xytext=(4, 4), fontsize=8)
