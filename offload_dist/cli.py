@@ -272,6 +272,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         source = f"tensors grouped by module name, ties unknown ({why})"
 
     world = args.nproc * args.nnodes
+    ties = len({u.tie_group for u in units if u.tie_group is not None})  # the model's own, before blocks
     blocks: list[str] = []
     if model is not None and OffloadPolicy().block_transfers:
         from offload_dist.dist.groups import find_blocks
@@ -279,7 +280,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         units, blocks = group_blocks(units, find_blocks(model), world)
     topology = Topology.uniform(world, args.nproc, host_bytes=args.host_mem, disk_bytes=args.disk)
     policy = {"auto": PlanPolicy(), "cpu": PlanPolicy(allow_disk=False), "disk": PlanPolicy(tier=Tier.DISK)}[args.tier]
-    ties = len({u.tie_group for u in units if u.tie_group is not None}) - len(blocks)
     print(f"checkpoint: {path}: {len(ckpt.tensors)} tensors, {format_bytes(ckpt.nbytes)} in {len(files)} file(s) "
           "(headers only)")
     print(f"units: {len(units)} modules, {ties} tie group(s): {source}")

@@ -49,9 +49,9 @@ class OffloadPolicy:
             ``WINDOW_MAX_GIB``: 1 GiB in one process, ``min(world_size, 4)`` GiB in a
             distributed job, where each rank copies only the modules it owns and the
             window must hold enough of every owner's modules to keep the host->device
-            links busy (see :meth:`window_bytes`). In a distributed job the window may
-            grow by half again while an owner holds less than its share of it
-            (:meth:`window_limit`). Every rank receives every module, so that is the
+            links busy (see :meth:`window_bytes`). With this default, in a distributed
+            job the window may grow by half again while an owner holds less than its
+            share of it (:meth:`window_limit`); a number set here is a hard bound. Every rank receives every module, so that is the
             prefetched weights on every GPU.
         pin_method: ``"register"`` pins exact-size allocations in place
             (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
@@ -96,11 +96,13 @@ class OffloadPolicy:
         return min(max(1, world_size), WINDOW_MAX_GIB) << 30
 
     def window_limit(self, world_size: int = 1) -> int:
-        """The most bytes the window may hold: :meth:`window_bytes`, and in a distributed
-        job half as much again while an owner holds less than its share (see [Note: owner
-        shares] in :mod:`offload_dist.prefetch`)."""
+        """The most bytes the window may hold: :meth:`window_bytes`, and with the default
+        ``prefetch_bytes`` in a distributed job half as much again while an owner holds
+        less than its share (see [Note: owner shares] in :mod:`offload_dist.prefetch`)."""
         window = self.window_bytes(world_size)
-        return window if world_size <= 1 else window + window // 2
+        if world_size <= 1 or self.prefetch_bytes is not None:
+            return window  # an explicit bound is kept
+        return window + window // 2
 
     def should_pin(self) -> bool:
         if self.pin_memory is None:

@@ -35,8 +35,9 @@ much larger than the rest (the embedding, first in the forward) fills a byte-bou
 window on its own while the other owners run out of work. So when the window reaches
 ``max_bytes`` while some owner holds less than ``max_bytes / world_size`` of it, it
 grows on, up to ``grow_to`` (by default half as much again:
-``OffloadPolicy.window_limit``). Owners are known on every rank, so every rank still
-predicts the same window.
+``OffloadPolicy.window_limit``; an explicit ``prefetch_bytes`` is a hard bound). A rank
+that owns no module that ran never counts as short. Owners are known on every rank, so every rank still predicts the same
+window.
 
 Only modules that have not run yet in the current *pass* are prefetched; a pass ends
 when a module runs a second time. Prefetched bytes are therefore never older than the
@@ -124,7 +125,9 @@ class Prefetcher:
         self.max_bytes = max_bytes
         self.readers = readers
         self.read_ahead = read_ahead
-        self._next: dict[int, ModuleOffload] = {}  # id(state) -> the state that ran after it last
+        # id(unit) -> (unit, the unit that ran after it last); the key unit is held so that
+        # its id is never reused by another object while the entry exists.
+        self._next: dict[int, tuple[ModuleOffload, ModuleOffload]] = {}
         self._last: ModuleOffload | None = None
         self._ran: set[int] = set()  # ids of the states that ran in the current pass
         self._window: collections.deque[ModuleOffload] = collections.deque()  # predicted to run next, in order
@@ -133,6 +136,7 @@ class Prefetcher:
         self.owners = owners
         self.grow_to = max_bytes if grow_to is None else max(grow_to, max_bytes)
         self._owned: collections.Counter[int] = collections.Counter()  # window bytes by owner rank
+        self._owners_seen: set[int] = set()  # ranks that own a module that ran
         self._pending: collections.OrderedDict[int, PendingOnload] = collections.OrderedDict()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._reader: ThreadPoolExecutor | None = None
@@ -144,6 +148,9 @@ class Prefetcher:
         # before the execution order is learnt.
         self._order: list[weakref.ref] = []
         self._index: dict[int, int] = {}
+        # Units built from several states (transfer groups), by name; dropped by reset()
+        # with everything else that holds states.
+        self.units: dict[str, Any] = {}
 
     def register(self, state: ModuleOffload) -> None:
         """Records ``state`` as offloaded after every state registered before it."""
@@ -154,10 +161,11 @@ class Prefetcher:
         """The state offloaded right after ``unit`` (a group: after its last member)."""
         last = unit.states[-1] if hasattr(unit, "states") else unit
         i = self._index.get(id(last))
-        if i is None or self._order[i]() is not last:
+        order = self._order
+        if i is None or order[i]() is not last:
             return None
-        for ref in self._order[i + 1:]:
-            s = ref()
+        for j in range(i + 1, len(order)):
+            s = order[j]()
             if s is not None:
                 return s
         return None
@@ -194,26 +202,34 @@ class Prefetcher:
             pending = state.start_onload(self)
         # Learn the order, then look ahead.
         if self._last is not None and self._last is not state:
-            self._next[id(self._last)] = state
+            self._next[id(self._last)] = (self._last, state)
         self._last = state
         if id(state) in self._ran:
             self._ran.clear()  # a new pass
             self._advised.clear()
         self._ran.add(id(state))
+        if self.owners > 1:
+            self._owners_seen.update(_owner_bytes(state))
         self._look_ahead(state)
         if self.read_ahead and (self._disk or state.on_disk()):
             self._disk = True
             self._read_ahead()
         return pending.finish()
 
+    def _carrying(self, state: ModuleOffload) -> list[int]:
+        """Keys of the started onloads that carry ``state``: its own, or a group's it is in."""
+        return [k for k, p in self._pending.items()
+                if p.state is state or any(s is state for s in getattr(p.state, "states", ()))]
+
     def is_pending(self, state: ModuleOffload) -> bool:
-        return id(state) in self._pending
+        """True while a started onload carries ``state`` (alone or in a group)."""
+        return bool(self._carrying(state))
 
     def discard(self, state: ModuleOffload) -> None:
-        """Waits for and drops a started onload of ``state`` (its bytes changed)."""
-        pending = self._pending.pop(id(state), None)
-        if pending is not None:
-            pending.finish()
+        """Waits for and drops every started onload that carries ``state`` (its bytes
+        changed). Call on every rank alike: the onloads dropped are collectives."""
+        for key in self._carrying(state):
+            self._pending.pop(key).finish()
 
     def sharing(self, blobs) -> list[ModuleOffload]:
         """The states whose started onload carries one of ``blobs`` (ties across modules).
@@ -247,7 +263,8 @@ class Prefetcher:
         rescan = not slid or len(pending) < first_new
         cur: ModuleOffload | None = window[-1] if window else state
         while len(window) < self.depth:
-            cur = nxt.get(id(cur))
+            link = nxt.get(id(cur))
+            cur = link[1] if link is not None else None
             if cur is None or id(cur) in ran or id(cur) in members or cur is state:
                 break
             nbytes = cur.nbytes()
@@ -270,11 +287,12 @@ class Prefetcher:
 
     def _starved(self, nbytes: int) -> bool:
         """True when the window may grow past ``max_bytes`` (up to ``grow_to``) because an
-        owner holds less than its share of it (see [Note: owner shares])."""
+        owner holds less than its share of it (see [Note: owner shares]). Only ranks seen
+        owning a module count: one that owns nothing never makes the window grow."""
         if self.owners <= 1 or self._window_bytes + nbytes > self.grow_to:
             return False
         share = self.max_bytes // self.owners
-        return any(self._owned.get(rank, 0) < share for rank in range(self.owners))
+        return any(self._owned.get(rank, 0) < share for rank in self._owners_seen)
 
     def _read_ahead(self) -> None:
         """Asks the kernel to start reading the disk modules predicted in the next
@@ -286,9 +304,9 @@ class Prefetcher:
         ahead, steps, horizon = 0, 0, max(self.max_bytes, READ_AHEAD_MIN)
         guessing = False  # once on registration order, the walk stays on it
         while cur is not None and ahead < horizon and steps < 4 * max(self.depth, 8):
-            learnt = None if guessing else self._next.get(id(cur))
-            if learnt is not None:
-                cur = learnt
+            link = None if guessing else self._next.get(id(cur))
+            if link is not None:
+                cur = link[1]
                 if id(cur) in self._ran or id(cur) in self._members:
                     break
             else:
@@ -316,6 +334,9 @@ class Prefetcher:
         """Drops every started onload and the learnt order: a module left the store, and
         nothing here may keep its state (hence the store and its bytes) alive."""
         self.drain()
+        while self._hints:  # hints not started yet hold segments of the states
+            self._hints.popleft().cancel()
+        self.units.clear()
         self._next.clear()
         self._last = None
         self._ran.clear()
@@ -323,4 +344,5 @@ class Prefetcher:
         self._members.clear()
         self._window_bytes = 0
         self._owned.clear()
+        self._owners_seen.clear()
         self._advised.clear()

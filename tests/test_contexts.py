@@ -444,7 +444,7 @@ def test_prefetch_window_default_grows_with_ranks():
     assert OffloadPolicy(prefetch_bytes=123).window_bytes(4) == 123
     assert OffloadPolicy().window_limit() == 1 << 30  # one process: no owners to balance
     assert OffloadPolicy().window_limit(2) == 3 << 30
-    assert OffloadPolicy(prefetch_bytes=100).window_limit(8) == 150
+    assert OffloadPolicy(prefetch_bytes=100).window_limit(8) == 100  # an explicit bound is kept
     with pytest.raises(ValueError, match="prefetch_bytes"):
         OffloadPolicy(prefetch_bytes=-1)
     with pytest.raises(ValueError, match="disk_readers"):
@@ -506,10 +506,11 @@ def test_window_grows_until_every_owner_has_its_share(owners):
         assert all(v >= 50 for v in p._owned.values()) or p._window[-1].name == "b9"
 
 
-@pytest.mark.parametrize("cached", [True, False, None])
+@pytest.mark.parametrize("cached", [True, False, None, "head"])
 def test_read_ahead_reads_what_is_not_cached(tmp_path, monkeypatch, cached):
     """cached=True: every probe hits, nothing is read; False: every chunk is read whole;
-    None: RWF_NOWAIT unsupported, posix_fadvise is asked instead."""
+    None: RWF_NOWAIT unsupported, posix_fadvise is asked instead; "head": only the first
+    page of each chunk is cached (the kernel's read-ahead), so every chunk is read."""
     from offload_dist.tiers import disk as disk_mod
     from offload_dist.tiers.disk import WARM_CHUNK, DiskSegment
 
@@ -525,6 +526,8 @@ def test_read_ahead_reads_what_is_not_cached(tmp_path, monkeypatch, cached):
         reads.append((offset, sum(len(b) for b in buffers), flags))
         if flags and cached is False:
             raise BlockingIOError(11, "not cached")
+        if flags and cached == "head" and (offset - 110) % WARM_CHUNK:
+            raise BlockingIOError(11, "not cached")
         if flags and cached is None:
             raise OSError(95, "not supported")
         return real_preadv(fd, buffers, offset, flags)
@@ -534,9 +537,9 @@ def test_read_ahead_reads_what_is_not_cached(tmp_path, monkeypatch, cached):
     seg = DiskSegment(str(path), 100, WARM_CHUNK * 2, owned=False)
     seg.advise(10, WARM_CHUNK * 2)
     full = [(off, n) for off, n, flags in reads if not flags]
-    if cached:
-        assert full == [] and advised == [] and len(reads) == 2
-    elif cached is False:
+    if cached is True:
+        assert full == [] and advised == [] and len(reads) == 4  # first and last page of 2 chunks
+    elif cached is False or cached == "head":
         assert full == [(110, WARM_CHUNK), (110 + WARM_CHUNK, WARM_CHUNK - 10)] and advised == []
     else:
         assert full == [] and advised == [(110, WARM_CHUNK * 2 - 10)]
@@ -675,3 +678,15 @@ def test_offload_twice_raises_naming_module():
     # The failed calls changed nothing.
     assert get_offload_state(lin).name == "model.layers.3.mlp"
     assert lin(torch.ones(1, 8)).shape == (1, 4)
+
+
+def test_window_does_not_grow_for_ranks_that_own_nothing():
+    from offload_dist.prefetch import Prefetcher
+
+    # Three ranks, but rank 2 owns nothing: it must not keep the window growing.
+    units = [_Unit("emb", 90, 0)] + [_Unit(f"b{i}", 20, 1 - i % 2) for i in range(10)]
+    p = Prefetcher(32, 100, read_ahead=False, owners=3, grow_to=200)
+    for u in units:
+        p.take(u)
+    p.take(units[0])
+    assert [u.name for u in p._window] == ["b0", "b1", "b2", "b3", "b4"]  # 100 bytes: ranks 0 and 1 hold 33+

@@ -49,6 +49,23 @@ def test_group_blocks_leaves_blocks_too_big_to_balance():
         group_blocks(_units(), ["l0"], world_size=0)
 
 
+def test_group_blocks_bounds_groups_merged_by_ties_across_blocks():
+    # l1.a is tied to l0.a: grouping l0 pulls l1.a in, and grouping l1 as well would make
+    # one group of both blocks, too big to balance 4 owners (more than 240 / 8 bytes).
+    units = [Unit("emb", 100), Unit("l0.a", 10, "t"), Unit("l0.b", 10), Unit("l1.a", 10, "t"), Unit("l1.b", 10),
+             Unit("head", 100)]
+    grouped_units, grouped = group_blocks(units, ["l0", "l1"], world_size=4)
+    assert grouped == ["l0"]
+    sizes: dict[str, int] = {}
+    for u in grouped_units:
+        if u.tie_group is not None:
+            sizes[u.tie_group] = sizes.get(u.tie_group, 0) + u.nbytes
+    assert sizes == {"l0.a": 30}  # l0.a, l0.b and the tied l1.a; l1.b stays on its own
+    assert max(sizes.values()) * 2 * 4 <= sum(u.nbytes for u in units)
+    # two owners leave room for the merged group
+    assert group_blocks(units, ["l0", "l1"], world_size=2)[1] == ["l0", "l1"]
+
+
 def test_find_blocks_are_decoder_layers_without_experts():
     from offload_dist.dist.cache import find_group_roots
     from offload_dist.dist.groups import find_blocks
@@ -191,3 +208,70 @@ def test_block_transfers_off_is_per_module(llama8, tmp_path):
         assert sorted(res["tags0"]) == sorted(res["owners"])
         torch.testing.assert_close(res["logits"][1], before[rank], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(res["logits"][2], after[rank], rtol=1e-5, atol=1e-5)
+
+
+# -- modules of a block that change or leave ------------------------------------------------
+
+
+def _change_block_members(rank: int, path: str, folder: str) -> dict:
+    import gc
+    import weakref
+
+    import offload_dist as od
+    from offload_dist.module import get_offload_state
+
+    od.init_dist()
+    model = tiny_llama(seed=RANK_SEED, layers=LAYERS8)
+    od.load_distributed(model, path, offload_folder=folder, progress=False)
+    ids = _rank_ids(rank).to(od.get_execution_device(model))
+    target = model.model.layers[1].mlp.up_proj
+    prefetcher = get_offload_state(target).store.prefetcher
+    out: dict = {"logits": []}
+
+    def halve(m):  # a new buffer changes the module's layout (and the block's buffer size)
+        m.weight = torch.nn.Parameter(m.weight * 0.5)
+        m.register_buffer("marker", torch.full((7,), float(rank)))
+
+    def replace_in_flight(module, args):
+        # layer 0 has started: layer 1's block transfer is already in flight
+        out["pending_before"] = prefetcher.is_pending(get_offload_state(target))
+        od.replace_module_parallel([target], halve)
+        out["pending_after"] = prefetcher.is_pending(get_offload_state(target))
+
+    with torch.no_grad():
+        out["logits"].append(model(ids).logits)  # learns the order
+        handle = model.model.layers[0].register_forward_pre_hook(replace_in_flight)
+        out["logits"].append(model(ids).logits)
+        handle.remove()
+        out["logits"].append(model(ids).logits)
+    out["marker"] = target.marker.tolist() if od.is_owner(target) else None
+    out["units"] = sorted(prefetcher.units)
+    state = weakref.ref(get_offload_state(target))
+    od.replicate_to_device(model)
+    gc.collect()
+    out["units_after"] = sorted(prefetcher.units)
+    out["state_freed"] = state() is None
+    with torch.no_grad():
+        out["logits"].append(model(ids).logits)
+    out["logits"] = [t.cpu() for t in out["logits"]]
+    return out
+
+
+def test_module_replaced_while_its_block_is_in_flight(llama8, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(llama8).eval()
+    with torch.no_grad():
+        before = [ref(_rank_ids(r)).logits for r in range(2)]
+        ref.model.layers[1].mlp.up_proj.weight.mul_(0.5)
+        after = [ref(_rank_ids(r)).logits for r in range(2)]
+    results = run_ranks(_change_block_members, 2, tmp_path, args=(str(llama8), str(tmp_path / "off")), timeout=240)
+    owner = next(r for r, res in enumerate(results) if res["marker"] is not None)
+    for rank, res in enumerate(results):
+        assert res["pending_before"] and not res["pending_after"]
+        assert "model.layers.1" in res["units"] and res["units_after"] == []
+        assert res["state_freed"], "a replicated model's blocks keep no offload state alive"
+        torch.testing.assert_close(res["logits"][0], before[rank], rtol=1e-5, atol=1e-5)
+        for logits in res["logits"][1:]:
+            torch.testing.assert_close(logits, after[rank], rtol=1e-5, atol=1e-5)
+    assert results[owner]["marker"] == [float(owner)] * 7

@@ -106,10 +106,12 @@ class DistModuleOffload(ModuleOffload):
         self.group = group
         self._warned = False
         self._wire: tuple[list[Blob], list[int], int] | None = None
+        self.version = 0  # counts changes of the entries (caches built on the layout compare it)
 
     def changed(self) -> None:
         super().changed()
         self._wire = None
+        self.version += 1
 
     def wire_layout(self) -> tuple[list[Blob], list[int], int]:
         """The module's blobs in wire order, their offsets in the buffer, its size (cached)."""

@@ -124,8 +124,8 @@ class TransferGroup:
 
     def parts(self) -> list[tuple[int, list[tuple[DistModuleOffload, int]], int]]:
         """``(owner, [(module, offset in the owner's buffer)], buffer bytes)`` per owner, in
-        order of the first module each owner holds (cached while no module's layout changes)."""
-        layouts = tuple(id(s.wire_layout()) for s in self.states)
+        order of the first module each owner holds (cached while no module's entries change)."""
+        layouts = tuple(s.version for s in self.states)
         if self._layout is None or self._layout[0] != layouts:
             by_owner: dict[int, list[DistModuleOffload]] = {}
             for s in self.states:
@@ -175,7 +175,6 @@ class _BlockHooks:
 
     def __init__(self, name: str):
         self.name = name
-        self.group: TransferGroup | None = None
         self._entered: list[tuple[DistModuleOffload, ...] | None] = []  # one per running forward
         self.handles: tuple = ()
 
@@ -199,10 +198,15 @@ class _BlockHooks:
         states = self._states(block)
         if states is None:
             return
-        if self.group is None or self.group.states != states:
-            self.group = TransferGroup(self.name, states)
-        group = self.group
-        prefetcher = group.store.prefetcher
+        # The group lives in the prefetcher (the unit it learns the order of), which drops
+        # it with every state it holds when a module leaves the store; without one it is
+        # built for each forward.
+        prefetcher = states[0].store.prefetcher
+        group = prefetcher.units.get(self.name) if prefetcher is not None else None
+        if group is None or group.states != states:
+            group = TransferGroup(self.name, states)
+            if prefetcher is not None:
+                prefetcher.units[self.name] = group
         tensors = prefetcher.take(group) if prefetcher is not None else group.start_onload(None).finish()
         for s in states:
             with s._lock:

@@ -1001,9 +1001,9 @@ def group_blocks(units: Sequence[Unit], blocks: Sequence[str], world_size: int) 
     """Puts the units inside each block into one tie group: one owner, one tier.
 
     A *block* is a module path (a decoder layer); its units are the unit named so and
-    those below it. A block joins only if it holds at most ``1 / (2 * world_size)`` of
-    all bytes, so whole blocks still balance the owners, and only if it has at least
-    two units. A block's group merges with the tie groups its units already belong to;
+    those below it. A block joins only if the group it makes (with the units tied to
+    its own) holds at most ``1 / (2 * world_size)`` of all bytes, so whole blocks still
+    balance the owners, and only if it has at least two units. A block's group merges with the tie groups its units already belong to;
     every merged group is named after its first unit, as ties are.
 
     Args:
@@ -1020,6 +1020,7 @@ def group_blocks(units: Sequence[Unit], blocks: Sequence[str], world_size: int) 
     units = list(units)
     total = sum(u.nbytes for u in units)
     parent = list(range(len(units)))
+    group_bytes = [u.nbytes for u in units]  # bytes of the group each root unit heads
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -1029,7 +1030,9 @@ def group_blocks(units: Sequence[Unit], blocks: Sequence[str], world_size: int) 
 
     def union(a: int, b: int) -> None:
         a, b = find(a), find(b)
-        parent[max(a, b)] = min(a, b)  # the root stays the first unit
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the root stays the first unit
+            group_bytes[min(a, b)] += group_bytes[max(a, b)]
 
     first_of_tie: dict[str, int] = {}
     for i, u in enumerate(units):
@@ -1046,7 +1049,9 @@ def group_blocks(units: Sequence[Unit], blocks: Sequence[str], world_size: int) 
     grouped: list[str] = []
     for block in dict.fromkeys(blocks):
         members = inside.get(block, [])
-        nbytes = sum(units[i].nbytes for i in members)
+        # What the block's group would hold: its units and everything tied to them,
+        # blocks grouped before included (a weight tied across blocks merges them).
+        nbytes = sum(group_bytes[r] for r in {find(i) for i in members})
         if len(members) < 2 or nbytes * 2 * world_size > total:
             continue
         for i in members[1:]:

@@ -195,9 +195,10 @@ class DiskSegment(Segment):
 # reads of WARM_CHUNK bytes into a scratch buffer, which the kernel turns into large
 # requests and keeps in the page cache, so that the forward's own read finds them there.
 # Several hint threads read at once (a disk's bandwidth often needs several requests in
-# flight). Before each chunk a small read with RWF_NOWAIT asks whether it is cached
-# already (a later pass over a model that fits in the page cache): then it is skipped and
-# costs no copy. Where the file system cannot answer RWF_NOWAIT, the hint falls back to
+# flight). Before each chunk two small reads with RWF_NOWAIT, of its first and its last
+# page, ask whether it is cached already (a later pass over a model that fits in the page
+# cache): then it is skipped and costs no copy. The last page matters: the kernel's own
+# read-ahead after a read of the chunk's start caches its head, not its tail. Where the file system cannot answer RWF_NOWAIT, the hint falls back to
 # posix_fadvise(WILLNEED).
 
 WARM_CHUNK = 8 << 20
@@ -213,7 +214,8 @@ def _warm(fd: int, lo: int, hi: int) -> None:
         if nowait is not None:
             probe = bytearray(min(n, _PROBE))
             try:
-                if os.preadv(fd, [probe], pos, nowait) == len(probe):
+                if all(os.preadv(fd, [probe], at, nowait) == len(probe)
+                       for at in dict.fromkeys((pos, pos + n - len(probe)))):
                     pos += n  # cached already
                     continue
             except BlockingIOError:
