@@ -128,7 +128,9 @@ def _forward_with_groups(rank: int, path: str, block_transfers: bool, folder: st
         # Inside a disable_offloading scope blocks fall back to per-module onloads; the
         # scope holds everything after its first forward, so the second transfers nothing.
         with od.disable_offloading():
+            tags.clear()
             logits.append(model(ids).logits)
+            out["tags_scope_first"] = list(tags)
             tags.clear()
             logits.append(model(ids).logits)
         out["tags_scope"] = list(tags)
@@ -181,6 +183,8 @@ def test_blocks_travel_as_one_transfer(llama8, tmp_path, world, tier):
         torch.testing.assert_close(res["logits"][3], after[rank], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(res["logits"][4], after[rank], rtol=1e-5, atol=1e-5)
         assert res["tags_scope"] == []
+        # the first forward in the scope runs per module and starts no block transfer ahead
+        assert set(res["tags_scope_first"]) == set(res["owners"]), res["tags_scope_first"]
         if tier == "disk":
             assert set(res["tiers"].values()) == {"disk"}
 

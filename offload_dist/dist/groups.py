@@ -23,7 +23,8 @@ replaced later), the group sends one broadcast per owner, in member order, the s
 every rank. A block falls back to per-module onloads whenever a group transfer could
 differ from what the modules would do alone: a ``disable_offloading`` scope covers one
 of them, or one of them is already running. Both are the same on every rank (scopes
-and forwards are), so the ranks never disagree about which collectives to issue.
+and forwards are), so the ranks never disagree about which collectives to issue; and a
+block under such a scope is never prefetched as a group.
 Blocks that hold a list of experts are left to [Note: onload groups].
 """
 
@@ -117,7 +118,11 @@ class TransferGroup:
         return [r for s in self.states for r in s.read_ranges()]
 
     def is_held(self) -> bool:
-        return any(s.is_held() for s in self.states)
+        """True when the block will not travel as a group: a ``disable_offloading`` scope
+        holds or will hold one of its modules (it then runs per module, see
+        :meth:`_BlockHooks._states`), so a group prefetch would be wasted."""
+        scopes = _KEEP.get()
+        return bool(scopes) and any(scope.covers(s) for scope in scopes for s in self.states)
 
     def all_entries(self) -> list[Entry]:
         return [e for s in self.states for e in s.all_entries()]
