@@ -51,8 +51,9 @@ class OffloadPolicy:
             window must hold enough of every owner's modules to keep the host->device
             links busy (see :meth:`window_bytes`). With this default, in a distributed
             job the window may grow by half again while an owner holds less than its
-            share of it (:meth:`window_limit`); a number set here is a hard bound. Every rank receives every module, so that is the
-            prefetched weights on every GPU.
+            share of it (:meth:`window_limit`); a number set here is a hard bound.
+            Every rank receives every module, so that is the prefetched weights on
+            every GPU.
         pin_method: ``"register"`` pins exact-size allocations in place
             (``cudaHostRegister``); ``"alloc"`` uses PyTorch's pinned caching allocator
             (see [Note: pinning]).

@@ -36,8 +36,8 @@ window on its own while the other owners run out of work. So when the window rea
 ``max_bytes`` while some owner holds less than ``max_bytes / world_size`` of it, it
 grows on, up to ``grow_to`` (by default half as much again:
 ``OffloadPolicy.window_limit``; an explicit ``prefetch_bytes`` is a hard bound). A rank
-that owns no module that ran never counts as short. Owners are known on every rank, so every rank still predicts the same
-window.
+that owns no module that ran never counts as short. Owners are known on every rank, so
+every rank still predicts the same window.
 
 Only modules that have not run yet in the current *pass* are prefetched; a pass ends
 when a module runs a second time. Prefetched bytes are therefore never older than the
@@ -46,7 +46,8 @@ it, run it again) is never hidden by a stale prefetch; an update to a module tha
 being prefetched, or to a tensor it shares with one (ties), drops that prefetch
 (single process) or raises (distributed, where
 dropping on one rank alone would desynchronise the collectives). Modules whose tensors
-a ``disable_offloading`` scope already holds are not prefetched.
+a ``disable_offloading`` scope already holds are not prefetched, nor is a block that
+such a scope covers as one transfer (it runs per module, see [Note: transfer groups]).
 """
 
 from __future__ import annotations
@@ -125,11 +126,12 @@ class Prefetcher:
         self.max_bytes = max_bytes
         self.readers = readers
         self.read_ahead = read_ahead
-        # id(unit) -> (unit, the unit that ran after it last); the key unit is held so that
-        # its id is never reused by another object while the entry exists.
-        self._next: dict[int, tuple[ModuleOffload, ModuleOffload]] = {}
+        # unit -> the unit that ran after it last. Weak keys and a weak set for the pass: a
+        # module swapped out of the model is not kept alive here, and no id of a freed unit
+        # can be mistaken for another (which could differ between ranks).
+        self._next: weakref.WeakKeyDictionary[ModuleOffload, ModuleOffload] = weakref.WeakKeyDictionary()
         self._last: ModuleOffload | None = None
-        self._ran: set[int] = set()  # ids of the states that ran in the current pass
+        self._ran: weakref.WeakSet[ModuleOffload] = weakref.WeakSet()  # the units run in this pass
         self._window: collections.deque[ModuleOffload] = collections.deque()  # predicted to run next, in order
         self._members: set[int] = set()  # ids of the window's states
         self._window_bytes = 0
@@ -202,12 +204,12 @@ class Prefetcher:
             pending = state.start_onload(self)
         # Learn the order, then look ahead.
         if self._last is not None and self._last is not state:
-            self._next[id(self._last)] = (self._last, state)
+            self._next[self._last] = state
         self._last = state
-        if id(state) in self._ran:
+        if state in self._ran:
             self._ran.clear()  # a new pass
             self._advised.clear()
-        self._ran.add(id(state))
+        self._ran.add(state)
         if self.owners > 1:
             self._owners_seen.update(_owner_bytes(state))
         self._look_ahead(state)
@@ -263,9 +265,8 @@ class Prefetcher:
         rescan = not slid or len(pending) < first_new
         cur: ModuleOffload | None = window[-1] if window else state
         while len(window) < self.depth:
-            link = nxt.get(id(cur))
-            cur = link[1] if link is not None else None
-            if cur is None or id(cur) in ran or id(cur) in members or cur is state:
+            cur = nxt.get(cur)
+            if cur is None or cur in ran or id(cur) in members or cur is state:
                 break
             nbytes = cur.nbytes()
             if window and self._window_bytes + nbytes > self.max_bytes and not self._starved(nbytes):
@@ -304,17 +305,17 @@ class Prefetcher:
         ahead, steps, horizon = 0, 0, max(self.max_bytes, READ_AHEAD_MIN)
         guessing = False  # once on registration order, the walk stays on it
         while cur is not None and ahead < horizon and steps < 4 * max(self.depth, 8):
-            link = None if guessing else self._next.get(id(cur))
-            if link is not None:
-                cur = link[1]
-                if id(cur) in self._ran or id(cur) in self._members:
+            learnt = None if guessing else self._next.get(cur)
+            if learnt is not None:
+                cur = learnt
+                if cur in self._ran or id(cur) in self._members:
                     break
             else:
                 guessing = True
                 cur = self._registered_after(cur)
                 if cur is None:
                     break
-                if id(cur) in self._ran or id(cur) in self._members:
+                if cur in self._ran or id(cur) in self._members:
                     continue  # a guess from registration order: step over, do not stop
             ahead += cur.nbytes()
             steps += 1

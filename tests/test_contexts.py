@@ -690,3 +690,19 @@ def test_window_does_not_grow_for_ranks_that_own_nothing():
         p.take(u)
     p.take(units[0])
     assert [u.name for u in p._window] == ["b0", "b1", "b2", "b3", "b4"]  # 100 bytes: ranks 0 and 1 hold 33+
+
+
+def test_prefetcher_keeps_no_swapped_out_module_alive():
+    from offload_dist.module import get_offload_state
+
+    model = tiny_llama()
+    offload_model(model, "cpu", "cpu", policy=OffloadPolicy(prefetch_depth=4))
+    with torch.no_grad():
+        model(input_ids(1, 4))
+        model(input_ids(1, 4))  # the order is learnt: every state is a key of the prefetcher's order
+        old = weakref.ref(get_offload_state(model.model.layers[0].mlp.up_proj))
+        model.model.layers[0].mlp.up_proj = torch.nn.Linear(*reversed(model.model.layers[0].mlp.up_proj.weight.shape),
+                                                            bias=False)
+        model(input_ids(1, 4))  # relearns what runs after the swapped module's predecessor
+    gc.collect()
+    assert old() is None

@@ -9,7 +9,8 @@ of layers, see :func:`find_blocks`) as one transfer:
 
 * the planner gives every module of a block one owner and one tier
   (:func:`~offload_dist.dist.plan.group_blocks`), as long as whole blocks still balance
-  the owners (a block holds at most ``1 / (2 * world_size)`` of the bytes);
+  the owners (a block's group, with the modules tied to its own, holds at most
+  ``1 / (2 * world_size)`` of the bytes);
 * when the block starts, one :class:`TransferGroup` onload brings every module of the
   block: the owner packs its modules' bytes in wire order into one buffer (one copy per
   module from its host memory or disk) and broadcasts it once; the modules' forward

@@ -1003,8 +1003,9 @@ def group_blocks(units: Sequence[Unit], blocks: Sequence[str], world_size: int) 
     A *block* is a module path (a decoder layer); its units are the unit named so and
     those below it. A block joins only if the group it makes (with the units tied to
     its own) holds at most ``1 / (2 * world_size)`` of all bytes, so whole blocks still
-    balance the owners, and only if it has at least two units. A block's group merges with the tie groups its units already belong to;
-    every merged group is named after its first unit, as ties are.
+    balance the owners, and only if it has at least two units. A block's group merges
+    with the tie groups its units already belong to; every merged group is named after
+    its first unit, as ties are.
 
     Args:
         units: in execution order (``units_from_module`` or the loader's).

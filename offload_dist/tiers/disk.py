@@ -198,8 +198,8 @@ class DiskSegment(Segment):
 # flight). Before each chunk two small reads with RWF_NOWAIT, of its first and its last
 # page, ask whether it is cached already (a later pass over a model that fits in the page
 # cache): then it is skipped and costs no copy. The last page matters: the kernel's own
-# read-ahead after a read of the chunk's start caches its head, not its tail. Where the file system cannot answer RWF_NOWAIT, the hint falls back to
-# posix_fadvise(WILLNEED).
+# read-ahead after a read of the chunk's start caches its head, not its tail. Where the
+# file system cannot answer RWF_NOWAIT, the hint falls back to posix_fadvise(WILLNEED).
 
 WARM_CHUNK = 8 << 20
 _PROBE = 4096
