@@ -138,7 +138,8 @@ def _forward_with_groups(rank: int, path: str, block_transfers: bool, folder: st
     return out
 
 
-def _reference(path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _reference(path, layer: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Logits of ranks 0-3 before and after halving ``layers[layer].mlp.up_proj``."""
     from transformers import LlamaForCausalLM
 
     ref = LlamaForCausalLM.from_pretrained(path).eval()
@@ -146,7 +147,7 @@ def _reference(path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     with torch.no_grad():
         for r in range(4):
             before.append(ref(_rank_ids(r)).logits)
-        ref.model.layers[3].mlp.up_proj.weight.mul_(0.5)
+        ref.model.layers[layer].mlp.up_proj.weight.mul_(0.5)
         for r in range(4):
             after.append(ref(_rank_ids(r)).logits)
     return before, after
@@ -262,13 +263,7 @@ def _change_block_members(rank: int, path: str, folder: str) -> dict:
 
 
 def test_module_replaced_while_its_block_is_in_flight(llama8, tmp_path):
-    from transformers import LlamaForCausalLM
-
-    ref = LlamaForCausalLM.from_pretrained(llama8).eval()
-    with torch.no_grad():
-        before = [ref(_rank_ids(r)).logits for r in range(2)]
-        ref.model.layers[1].mlp.up_proj.weight.mul_(0.5)
-        after = [ref(_rank_ids(r)).logits for r in range(2)]
+    before, after = _reference(llama8, layer=1)
     results = run_ranks(_change_block_members, 2, tmp_path, args=(str(llama8), str(tmp_path / "off")), timeout=240)
     owner = next(r for r, res in enumerate(results) if res["marker"] is not None)
     for rank, res in enumerate(results):

@@ -71,6 +71,12 @@ def find_blocks(model: nn.Module, experts: list[str] | None = None) -> list[str]
     return blocks
 
 
+def _scope_covers(states) -> bool:
+    """True when a ``disable_offloading`` scope of this thread covers one of ``states``."""
+    scopes = _KEEP.get()
+    return bool(scopes) and any(scope.covers(s) for scope in scopes for s in states)
+
+
 class _Works:
     """Waits for several asynchronous collectives as one."""
 
@@ -122,8 +128,7 @@ class TransferGroup:
         """True when the block will not travel as a group: a ``disable_offloading`` scope
         holds or will hold one of its modules (it then runs per module, see
         :meth:`_BlockHooks._states`), so a group prefetch would be wasted."""
-        scopes = _KEEP.get()
-        return bool(scopes) and any(scope.covers(s) for scope in scopes for s in self.states)
+        return _scope_covers(self.states)
 
     def all_entries(self) -> list[Entry]:
         return [e for s in self.states for e in s.all_entries()]
@@ -194,8 +199,7 @@ class _BlockHooks:
             return None
         if any(s._frame is not None for s in states):
             return None  # running already (a re-entrant call): leave it to the modules
-        scopes = _KEEP.get()
-        if scopes and any(scope.covers(s) for scope in scopes for s in states):
+        if _scope_covers(states):
             return None  # a scope holds (or will hold) their tensors: per module, as without groups
         return states
 
