@@ -120,7 +120,7 @@ class DeepSeekV3Skeleton(nn.Module):
 
 
 def main() -> None:
-    from offload_dist.dist.plan import PlanPolicy, Topology, format_bytes, make_plan, units_from_module
+    from offload_dist.distributed.plan import PlanPolicy, Topology, format_bytes, make_plan, units_from_module
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=64)
@@ -138,7 +138,7 @@ def main() -> None:
     topology = Topology.uniform(args.ranks, args.ranks // args.nodes, host_bytes=host)
     plan = make_plan(units, topology, PlanPolicy())
     t3 = time.perf_counter()
-    digest = plan.digest()
+    plan.digest()
     t4 = time.perf_counter()
 
     n_tensors = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())

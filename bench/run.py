@@ -116,7 +116,8 @@ def main() -> None:
     if not a.quick:
         configs += [("hw 1 GPU", [py, str(HERE / "hw.py")], 1, False)]
         configs += [(f"hw {n} GPUs", [*trun(n), str(HERE / "hw.py")], n, False) for n in counts]
-        configs += [(f"placement {n} GPUs: owner+broadcast vs stripe+all-gather", [*trun(n), str(HERE / "strategies.py")],
+        configs += [(f"placement {n} GPUs: owner+broadcast vs stripe+all-gather",
+                     [*trun(n), str(HERE / "strategies.py")],
                      n, False) for n in counts]
         configs += [("resident", [py, worker, "resident", str(ckpt), *seq], 1, False),
                     ("accelerate cpu_offload", [py, worker, "accelerate", str(ckpt), *seq], 1, False)]
@@ -215,7 +216,8 @@ def format_table(results: dict) -> str:
 
     lines = [f"model bytes: {nbytes / 1e9:.2f} GB; pinned H2D GB/s per GPU, all GPUs of the point copying: "
              + ", ".join(f"{n}: {bw}" for n, bw in sorted(conc.items())),
-             "", "| configuration | ranks | load s | forward s (best of later runs, slowest rank) | all forwards (rank 0) "
+             "", "| configuration | ranks | load s | forward s (best of later runs, slowest rank) "
+             "| all forwards (rank 0) "
              "| GB/s per rank | x PCIe limit | vs compressed-tensors | host used, job GB | RSS/USS rank 0 GB "
              "| GPU peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in cfgs.items():
@@ -239,7 +241,8 @@ def format_table(results: dict) -> str:
             f"{(fwd / ref if ref else float('nan')):.2f} | {r[0]['host_used_delta_GB']} | "
             f"{r[0]['rss_GB']}/{r[0]['uss_GB']} | {r[0]['gpu_peak_GB']} |")
     lines += ["", "Scaling (cpu tier, defaults; aggregate = model bytes delivered to all ranks per second):", "",
-              "| ranks | PCIe limit s | offload_dist forward s | aggregate GB/s | x limit | compressed-tensors forward s "
+              "| ranks | PCIe limit s | offload_dist forward s | aggregate GB/s | x limit "
+              "| compressed-tensors forward s "
               "| offload_dist host GB (job) | compressed-tensors host GB (job) | offload_dist load s "
               "| compressed-tensors load s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in cfgs.items():

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from offload_dist.dist.plan import Topology, Unit, make_plan
+from offload_dist.distributed.plan import Topology, Unit, make_plan
 
 
 def module_sizes(layers=16, hidden=4096, inter=14336, vocab=128256, kv=1024) -> list[int]:

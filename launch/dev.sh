@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned to the CPU build on CPU-only machines; on a GPU machine install the
 # CUDA build of torch first (any version >= 2.6) and it is kept.
-if ! .venv/bin/python -c "import offload_dist, pytest, transformers" 2>/dev/null; then
+if ! .venv/bin/python -c "import offload_dist, pytest, transformers" 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
@@ -19,6 +19,8 @@ if ! .venv/bin/python -c "import offload_dist, pytest, transformers" 2>/dev/null
 fi
 case "${1:-}" in
     demo) shift; exec .venv/bin/offload-dist demo "$@" ;;
-    test) shift; exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" -q -p no:cacheprovider "$@" ;;
+    test) shift
+        .venv/bin/ruff check --quiet .   # lint first: every file, offload_dist/distributed/ included
+        exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" -q -p no:cacheprovider "$@" ;;
     *) echo "usage: bash launch/dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -5,20 +5,20 @@ Public names only; see docs/api.md.
 
 from offload_dist.cache import OffloadError
 from offload_dist.dispatch import Placement
-from offload_dist.dist.collectives import CollectiveError, CollectiveOrderError
+from offload_dist.distributed.collectives import CollectiveError, CollectiveOrderError
 from offload_dist.tiers.disk import CorruptFileError, OffloadWriteError
 from offload_dist.checkpoint import Checkpoint, CheckpointMismatchError, load_checkpoint_offloaded
 from offload_dist.dispatch import (DispatchError, dispatch_model, dispatch_with_map, get_device_map, plan_dispatch,
                                    remove_dispatch)
-from offload_dist.dist.cache import NotOwnerError, WriteConflictError
-from offload_dist.dist.collectives import all_reduce, barrier
-from offload_dist.dist.init import (DistContext, DistNotInitializedError, current_context, init_dist, is_distributed,
-                                    is_source_process)
-from offload_dist.dist.loader import LoadError, LoadReport, load_distributed
-from offload_dist.dist.parallel import ReplaceError, is_owner, replace_module_parallel, replicate_to_device
-from offload_dist.dist.plan import (NodeSpec, Plan, PlanError, PlanPolicy, RankSpec, Topology, Unit, make_plan,
-                                    units_from_module)
-from offload_dist.dist.save import SaveError, save_parallel
+from offload_dist.distributed.cache import NotOwnerError, WriteConflictError
+from offload_dist.distributed.collectives import all_reduce, barrier
+from offload_dist.distributed.init import (DistContext, DistNotInitializedError, current_context, init_dist,
+                                           is_distributed, is_source_process)
+from offload_dist.distributed.loader import LoadError, LoadReport, load_distributed
+from offload_dist.distributed.parallel import ReplaceError, is_owner, replace_module_parallel, replicate_to_device
+from offload_dist.distributed.plan import (NodeSpec, Plan, PlanError, PlanPolicy, RankSpec, Topology, Unit, make_plan,
+                                           units_from_module)
+from offload_dist.distributed.save import SaveError, save_parallel
 from offload_dist.hf import load_offloaded_model
 from offload_dist.load import load_offloaded_checkpoint
 from offload_dist.module import (disable_offloading, disable_onloading, get_execution_device, get_offloaded_device,

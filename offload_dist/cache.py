@@ -343,7 +343,8 @@ class ModuleOffload:
             return frame[entry]
         return self.onload_lazy(entry, {}, {})
 
-    def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
+    def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor],
+                    blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
         """Onloads one tensor for a read outside a forward frame (into ``out``)."""
         self.onload_into([entry], out, blob_cache)
         return out[entry]
@@ -416,7 +417,8 @@ class ModuleOffload:
             for b in group:
                 cache[b] = buf[b.offset - lo:b.offset - lo + b.nbytes]
 
-    def onload_into(self, entries: list[Entry], out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> None:
+    def onload_into(self, entries: list[Entry], out: dict[Entry, torch.Tensor],
+                    blob_cache: dict[Blob, torch.Tensor]) -> None:
         todo = [e for e in entries if e not in out]
         self.fetch_blobs([b for e in todo for b in e.blobs], blob_cache)
         for e in todo:
@@ -530,7 +532,8 @@ class ModuleOffload:
 
     def _rewrite_disk(self, entry: Entry, data: torch.Tensor, what: str) -> None:
         cpu_blobs = {b: b.segment.read(b.offset, b.offset + b.nbytes, torch.device("cpu")) for b in entry.blobs}
-        copy_into(restore_tensor(entry.layout, [cpu_blobs[b] for b in entry.blobs], as_param=False), data.to("cpu"), what)
+        current = restore_tensor(entry.layout, [cpu_blobs[b] for b in entry.blobs], as_param=False)
+        copy_into(current, data.to("cpu"), what)
         tier = self.tier if self.tier.tier is Tier.DISK else self.store.tier(Tier.DISK)
         seg, offsets = tier.put([cpu_blobs[b] for b in entry.blobs], what)
         for b, off in zip(entry.blobs, offsets):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore
-from offload_dist.dispatch import DeviceMapValue, Placement, _lookup, _normalize, _own_tensors
+from offload_dist.dispatch import DeviceMapValue, _lookup, _normalize
 from offload_dist.module import install_offload, is_offloaded
 from offload_dist.policy import OffloadPolicy, Tier, parse_tier
 from offload_dist.tensors import PlainLayout, TensorLayout, aligned_offsets

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from offload_dist.checkpoint import Checkpoint
-    from offload_dist.dist.plan import Unit
+    from offload_dist.distributed.plan import Unit
 
 __all__ = ["main", "parse_size"]
 
@@ -181,7 +181,7 @@ def _units_from_model(model: nn.Module, ckpt: Checkpoint) -> tuple[list[Unit], l
         ValueError: the model has tensors the checkpoint lacks, or shapes/dtypes differ.
     """
     from offload_dist.checkpoint import resolve_model_tensors
-    from offload_dist.dist.loader import units_for_load
+    from offload_dist.distributed.loader import units_for_load
 
     work = resolve_model_tensors(model, ckpt, strict=False)
     used = {key for w in work for key, _, info in w.items.values() if info is not None}
@@ -195,7 +195,7 @@ def _units_from_model(model: nn.Module, ckpt: Checkpoint) -> tuple[list[Unit], l
 
 def _units_from_names(ckpt: Checkpoint) -> list[Unit]:
     """One unit per module prefix of the tensor names, in natural name order; no ties known."""
-    from offload_dist.dist.plan import Unit
+    from offload_dist.distributed.plan import Unit
 
     by_module: dict[str, int] = {}
     for name, info in ckpt.tensors.items():
@@ -206,7 +206,7 @@ def _units_from_names(ckpt: Checkpoint) -> list[Unit]:
 
 def _transfer_units(units: list[Unit], blocks: list[str]) -> list[Unit]:
     """The units as they travel at forward: a grouped block is one unit of its summed bytes."""
-    from offload_dist.dist.plan import Unit
+    from offload_dist.distributed.plan import Unit
 
     out: list[Unit] = []
     index: dict[str, int] = {}
@@ -242,7 +242,7 @@ def _onload_peak(units: list[Unit], depth: int, ahead_bytes: int) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Prints the sharding plan for a checkpoint on a job shape; exit 1 if it does not fit."""
     from offload_dist.checkpoint import Checkpoint
-    from offload_dist.dist.plan import PlanError, PlanPolicy, Topology, format_bytes, group_blocks, make_plan
+    from offload_dist.distributed.plan import PlanError, PlanPolicy, Topology, format_bytes, group_blocks, make_plan
     from offload_dist.policy import OffloadPolicy, Tier
 
     path = Path(args.checkpoint)
@@ -275,7 +275,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ties = len({u.tie_group for u in units if u.tie_group is not None})  # the model's own, before blocks
     blocks: list[str] = []
     if model is not None and OffloadPolicy().block_transfers:
-        from offload_dist.dist.groups import find_blocks
+        from offload_dist.distributed.groups import find_blocks
 
         units, blocks = group_blocks(units, find_blocks(model), world)
     topology = Topology.uniform(world, args.nproc, host_bytes=args.host_mem, disk_bytes=args.disk)
@@ -359,7 +359,7 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_R
 
 
 def _fmt(nbytes: int) -> str:
-    from offload_dist.dist.plan import format_bytes
+    from offload_dist.distributed.plan import format_bytes
 
     return format_bytes(nbytes)
 
@@ -535,7 +535,7 @@ def _check_launcher() -> list[Check]:
     import torch
     import torch.distributed as dist
 
-    from offload_dist.dist.init import parse_launch_env
+    from offload_dist.distributed.init import parse_launch_env
 
     checks = []
     if not dist.is_available():

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from offload_dist.cache import Blob, Entry, OffloadStore
-from offload_dist.module import get_offload_state, get_offloaded_device, is_offloaded, offload_module, remove_module_offload
+from offload_dist.module import (get_offload_state, get_offloaded_device, is_offloaded, offload_module,
+                                 remove_module_offload)
 from offload_dist.policy import DISK, OffloadPolicy, parse_device
 
 __all__ = ["Placement", "dispatch_model", "dispatch_with_map", "get_device_map", "remove_dispatch", "plan_dispatch",

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
-from offload_dist.dist.init import is_distributed, require_init
+from offload_dist.distributed.init import is_distributed, require_init
 from offload_dist.load import DEVICE_MAPS, load_offloaded_checkpoint
 from offload_dist.policy import OffloadPolicy
 
@@ -86,9 +86,9 @@ def _resolve_checkpoint(path, config, config_kwargs: dict):
     if not is_distributed():
         local = _local_dir(path)
         return local, config or AutoConfig.from_pretrained(local, **config_kwargs)
-    from offload_dist.dist.collectives import broadcast_json
-    from offload_dist.dist.init import current_context
-    from offload_dist.dist.loader import LoadError
+    from offload_dist.distributed.collectives import broadcast_json
+    from offload_dist.distributed.init import current_context
+    from offload_dist.distributed.loader import LoadError
 
     rank = current_context().rank
     payload = None

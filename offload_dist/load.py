@@ -28,8 +28,8 @@ from torch import nn
 
 from offload_dist.checkpoint import load_checkpoint_offloaded
 from offload_dist.dispatch import plan_dispatch
-from offload_dist.dist.init import current_context, is_distributed, require_init
-from offload_dist.dist.plan import PlanPolicy
+from offload_dist.distributed.init import current_context, is_distributed, require_init
+from offload_dist.distributed.plan import PlanPolicy
 from offload_dist.policy import DISK, OffloadPolicy, Tier
 
 __all__ = ["load_offloaded_checkpoint", "DEVICE_MAPS"]
@@ -84,8 +84,8 @@ def load_offloaded_checkpoint(
     if is_distributed():
         if not isinstance(device_map, str) or device_map not in DEVICE_MAPS:
             raise ValueError(f"device_map={device_map!r} in a distributed job: use one of {DEVICE_MAPS}")
-        from offload_dist.dist.loader import load_distributed
-        from offload_dist.dist.parallel import replicate_to_device
+        from offload_dist.distributed.loader import load_distributed
+        from offload_dist.distributed.parallel import replicate_to_device
 
         ctx = current_context()
         plan_policy = {"disk": PlanPolicy(tier=Tier.DISK), "cpu": PlanPolicy(allow_disk=False)}.get(

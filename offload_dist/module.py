@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from offload_dist.cache import _KEEP, _RAW, Blob, Entry, KeepScope, ModuleOffload, OffloadCache, OffloadStore, OnloadOffScope
+from offload_dist.cache import (_KEEP, _RAW, Blob, Entry, KeepScope, ModuleOffload, OffloadCache, OffloadStore,
+                                OnloadOffScope)
 from offload_dist.policy import OffloadPolicy, Tier, parse_device, parse_tier
 from offload_dist.tensors import copy_into, restore_tensor
 

@@ -67,7 +67,7 @@ class OffloadPolicy:
             repeated block (a decoder layer: an element of the model's list of layers)
             get one owner and travel to every rank in one collective, with one prefetch
             step for the block (see [Note: transfer groups] in
-            :mod:`offload_dist.dist.groups`); blocks too large for that to keep the
+            :mod:`offload_dist.distributed.groups`); blocks too large for that to keep the
             owners balanced, and blocks holding a list of experts, stay per module.
     """
 
@@ -138,7 +138,8 @@ def parse_device(device: torch.device | str | int) -> torch.device:
     return dev
 
 
-def parse_tier(offload_device: torch.device | str | int, onload_device: torch.device) -> tuple[Tier, torch.device | None]:
+def parse_tier(offload_device: torch.device | str | int,
+               onload_device: torch.device) -> tuple[Tier, torch.device | None]:
     """Maps a compressed-tensors style ``offload_device`` to a tier.
 
     Returns:

@@ -13,7 +13,7 @@ import torch
 
 from offload_dist.checkpoint import Checkpoint
 from offload_dist.cli import main, parse_size
-from offload_dist.dist.plan import format_bytes
+from offload_dist.distributed.plan import format_bytes
 
 from models import LAYERS, tiny_moe, tiny_tied
 
@@ -86,7 +86,7 @@ def test_plan_units_are_the_loaders_units(tied_ckpt, tmp_path):
     """The CLI plans exactly the units load_distributed plans for the same model and checkpoint."""
     from offload_dist.checkpoint import resolve_model_tensors
     from offload_dist.cli import _skeleton, _units_from_model
-    from offload_dist.dist.loader import units_for_load as _units
+    from offload_dist.distributed.loader import units_for_load as _units
 
     from safetensors.torch import save_file
 

@@ -1,4 +1,4 @@
-"""Transfer groups: each decoder layer travels as one transfer (see offload_dist.dist.groups).
+"""Transfer groups: each decoder layer travels as one transfer (see offload_dist.distributed.groups).
 
 The planner part is pure and checked in-process; the forward runs on 2 and 4 CPU ranks
 (gloo), against references computed in the parent without offloading.
@@ -11,7 +11,7 @@ import torch
 from dist_harness import run_ranks
 from models import input_ids, tiny_llama, tiny_moe
 
-from offload_dist.dist.plan import PlanPolicy, Topology, Unit, group_blocks, make_plan
+from offload_dist.distributed.plan import PlanPolicy, Topology, Unit, group_blocks, make_plan
 
 LAYERS8 = 8  # with 8 layers one layer is a small enough share of the model to be grouped
 REF_SEED, RANK_SEED = 0, 1
@@ -67,8 +67,8 @@ def test_group_blocks_bounds_groups_merged_by_ties_across_blocks():
 
 
 def test_find_blocks_are_decoder_layers_without_experts():
-    from offload_dist.dist.cache import find_group_roots
-    from offload_dist.dist.groups import find_blocks
+    from offload_dist.distributed.cache import find_group_roots
+    from offload_dist.distributed.groups import find_blocks
 
     assert find_blocks(tiny_llama(layers=3)) == ["model.layers.0", "model.layers.1", "model.layers.2"]
     moe = tiny_moe()
@@ -90,9 +90,9 @@ def _rank_ids(rank: int) -> torch.Tensor:
 
 def _forward_with_groups(rank: int, path: str, block_transfers: bool, folder: str) -> dict:
     import offload_dist as od
-    import offload_dist.dist.collectives as coll
-    from offload_dist.dist.cache import DistModuleOffload
-    from offload_dist.dist.groups import TRANSFER_ATTR
+    import offload_dist.distributed.collectives as coll
+    from offload_dist.distributed.cache import DistModuleOffload
+    from offload_dist.distributed.groups import TRANSFER_ATTR
     from offload_dist.policy import OffloadPolicy
 
     od.init_dist()
@@ -192,7 +192,7 @@ def test_blocks_travel_as_one_transfer(llama8, tmp_path, world, tier):
 
 def _forward_disk(rank: int, path: str, folder: str) -> dict:
     import offload_dist as od
-    from offload_dist.dist.plan import PlanPolicy
+    from offload_dist.distributed.plan import PlanPolicy
     from offload_dist.policy import Tier
 
     real = od.load_distributed

@@ -107,7 +107,7 @@ def _cases_spec(ckpts, names):
 
 def _holdings(model: nn.Module) -> dict:
     """What this rank really holds for ``model``, read from the offload states (not the report)."""
-    from offload_dist.dist.cache import DistModuleOffload, RemoteSegment
+    from offload_dist.distributed.cache import DistModuleOffload, RemoteSegment
     from offload_dist.module import get_offload_state
     from offload_dist.tiers.cpu import CpuSegment
 
@@ -145,9 +145,9 @@ def _holdings(model: nn.Module) -> dict:
 def _load_cases(rank: int, cases: list[dict], out_root: str) -> dict:
     """Loads each case, runs one forward with this rank's inputs, reports what happened."""
     import offload_dist as od
-    import offload_dist.dist.loader as loader_mod
+    import offload_dist.distributed.loader as loader_mod
     import offload_dist.tiers.disk as disk_mod
-    from offload_dist.dist.plan import PlanPolicy
+    from offload_dist.distributed.plan import PlanPolicy
     from offload_dist.policy import Tier
 
     ctx = od.init_dist()
@@ -342,8 +342,8 @@ def test_load_and_forward_four_ranks_two_nodes(ckpts, tmp_path):
 
 def _owner_semantics(rank: int, ckpt: str, corrupt: str, out_root: str, target: str) -> dict:
     import offload_dist as od
-    from offload_dist.dist.collectives import CollectiveOrderError
-    from offload_dist.dist.plan import PlanPolicy
+    from offload_dist.distributed.collectives import CollectiveOrderError
+    from offload_dist.distributed.plan import PlanPolicy
     from offload_dist.policy import Tier
 
     od.init_dist()
@@ -402,7 +402,7 @@ def _owner_semantics(rank: int, ckpt: str, corrupt: str, out_root: str, target: 
 
     # During a forward (a pre-hook on the owner writes): that forward keeps the old value on
     # every rank, the next one has the new value on every rank.
-    from offload_dist.dist.cache import WriteConflictError
+    from offload_dist.distributed.cache import WriteConflictError
 
     mod = mods[target]
     ids = input_ids(seed=7)
@@ -532,8 +532,8 @@ def _local_failures(rank: int, ckpt: str, out_root: str) -> dict:
     import errno
 
     import offload_dist as od
-    import offload_dist.dist.loader as loader_mod
-    from offload_dist.dist.plan import PlanPolicy
+    import offload_dist.distributed.loader as loader_mod
+    from offload_dist.distributed.plan import PlanPolicy
     from offload_dist.policy import Tier
     from offload_dist.tiers.disk import DiskTier, OffloadWriteError
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -54,8 +53,8 @@ def _inputs(rank: int) -> torch.Tensor:
 
 
 def _rank(rank, ckpt, groups):
-    from offload_dist.dist.init import init_dist
-    from offload_dist.dist.loader import load_distributed
+    from offload_dist.distributed.init import init_dist
+    from offload_dist.distributed.loader import load_distributed
 
     init_dist()
     torch.manual_seed(7)  # other weights than the checkpoint's
@@ -98,7 +97,7 @@ def test_without_groups_the_divergence_is_detected(tmp_path):
 
 
 def test_group_roots_found():
-    from offload_dist.dist.cache import find_group_roots
+    from offload_dist.distributed.cache import find_group_roots
 
     assert find_group_roots(Toy()) == ["moe1", "moe2"]
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -152,7 +152,7 @@ def _replace_and_save(rank: int, llama_dir: str, tied_dir: str, out: str) -> dic
         q.quantize_linear(m, _act_max(name))
 
     # The replaced bytes are freed (a forward ran, so the prefetcher has learnt the order).
-    from offload_dist.dist.cache import RemoteSegment
+    from offload_dist.distributed.cache import RemoteSegment
     from offload_dist.module import get_offload_state
 
     old = {id(b.segment): weakref.ref(b.segment) for n in names for e in get_offload_state(mods[n]).all_entries()
@@ -271,7 +271,7 @@ def _example_args(model_dir: str, out: str, work: str, device_map: str) -> list[
 
 def _example_and_device_maps(rank: int, llama_dir: str, tied_dir: str, out: str) -> dict:
     import offload_dist as od
-    from offload_dist.dist.plan import PlanError
+    from offload_dist.distributed.plan import PlanError
     from offload_dist.module import get_offload_state
     from transformers import AutoModelForCausalLM
 

@@ -74,7 +74,7 @@ def _die(root: str) -> None:
 
 def _arm(case: dict, root: str) -> None:
     """Installs the fault of ``case`` in this (the victim's) process."""
-    import offload_dist.dist.loader as loader_mod
+    import offload_dist.distributed.loader as loader_mod
     import offload_dist.tiers.disk as disk_mod
 
     calls = {"n": 0}
@@ -127,7 +127,7 @@ def _digests(folder: str) -> dict[str, str]:
 
 def _fault_rank(rank: int, case: dict, ckpt: str, root: str) -> dict:
     import offload_dist as od
-    from offload_dist.dist.plan import PlanPolicy
+    from offload_dist.distributed.plan import PlanPolicy
     from offload_dist.policy import Tier
 
     od.init_dist()
@@ -374,8 +374,8 @@ def test_divergent_order_without_check_mode_times_out(ckpt, tmp_path):
 
 def _bad_input_rank(rank: int, same: str, changed: str, root: str, mismatched: dict[str, str]) -> dict:
     import offload_dist as od
-    import offload_dist.dist.loader as loader_mod
-    from offload_dist.dist.plan import PlanPolicy
+    import offload_dist.distributed.loader as loader_mod
+    from offload_dist.distributed.plan import PlanPolicy
     from offload_dist.tiers.cpu import CpuTier
 
     od.init_dist()
@@ -455,7 +455,8 @@ def test_bad_inputs_on_ranks(ckpt, tmp_path):
     save_file(tensors, str(changed))
     assert changed.stat().st_size == ckpt.stat().st_size
     mismatched = {}
-    for key, edit in (("missing", lambda t: t.pop("5.bias")), ("unexpected", lambda t: t.update(extra=t["0.bias"].clone())),
+    for key, edit in (("missing", lambda t: t.pop("5.bias")),
+                      ("unexpected", lambda t: t.update(extra=t["0.bias"].clone())),
                       ("shape", lambda t: t.update({"5.weight": t["5.weight"][:, :16].contiguous()})),
                       ("dtype", lambda t: t.update({"5.weight": t["5.weight"].half()}))):
         bad = load_file(str(ckpt))

@@ -58,7 +58,8 @@ def test_transfer_groups_on_gpus_match_per_module_onloads(tmp_path):
     path = tmp_path / "ckpt"
     tiny_llama(seed=REF_SEED, layers=LAYERS8).save_pretrained(path, max_shard_size="100KB")
     before, after = _reference(path)
-    runs = {on: run_ranks(_forward_with_groups, 2, tmp_path / f"run{on}", args=(str(path), on, str(tmp_path / f"o{on}")),
+    runs = {on: run_ranks(_forward_with_groups, 2, tmp_path / f"run{on}",
+                          args=(str(path), on, str(tmp_path / f"o{on}")),
                           timeout=300, backend="nccl", env={k: ENV[k] for k in ("NCCL_NVLS_ENABLE",
                                                                               "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                                               "NVSHMEM_DISABLE_NVLS")})

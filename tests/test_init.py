@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from dist_harness import RankFailedError, RankTimeoutError, run_ranks
 
-from offload_dist.dist import collectives
-from offload_dist.dist.init import (DistContext, DistNotInitializedError, current_context, expand_hostlist,
+from offload_dist.distributed import collectives
+from offload_dist.distributed.init import (DistContext, DistNotInitializedError, current_context, expand_hostlist,
                                     expand_tasks_per_node, group_by_host, init_dist, is_distributed,
                                     is_source_process, launched_distributed, parse_launch_env, require_init,
                                     resolve_timeout)
@@ -203,7 +203,7 @@ def test_require_init_under_srun(clean_env):
 def test_logger_prefixes_rank(clean_env, caplog):
     os.environ["RANK"] = "3"
     logger = get_logger("dist.test")
-    assert logger.name == "offload_dist.dist.test" and get_logger().name == "offload_dist"
+    assert logger.name == "offload_dist.distributed.test" and get_logger().name == "offload_dist"
     with caplog.at_level(logging.INFO, logger="offload_dist"):
         logger.info("hello %s", "world")
     assert caplog.records[-1].getMessage() == "[rank 3] hello world"

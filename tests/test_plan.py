@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import offload_dist
-from offload_dist.dist.plan import (Assignment, NodeSpec, Plan, PlanError, PlanPolicy, RankSpec,
+from offload_dist.distributed.plan import (Assignment, NodeSpec, Plan, PlanError, PlanPolicy, RankSpec,
                                     Topology, Unit, format_bytes, make_plan, units_from_module)
 from offload_dist.policy import Tier
 
@@ -258,7 +258,7 @@ def _mixed_units() -> list[Unit]:
 
 _SUBPROCESS = """
 import json, sys
-from offload_dist.dist.plan import Unit, Topology, PlanPolicy, make_plan
+from offload_dist.distributed.plan import Unit, Topology, PlanPolicy, make_plan
 spec = json.load(sys.stdin)
 units = [Unit(*u) for u in spec["units"]]
 topo = Topology.uniform(8, 4, host_bytes=spec["host"])

@@ -36,7 +36,7 @@ FORBIDDEN_ATTRIBUTES = {
 }
 # Documented exceptions: (file, what) -> why it is safe. See docs/reliability.md, Security.
 ALLOWED = {
-    ("offload_dist/dist/parallel.py", "importlib.import_module"):
+    ("offload_dist/distributed/parallel.py", "importlib.import_module"):
         "tensor-subclass and enum classes named by import path in the layouts ranks exchange; "
         "only subclasses of torch.Tensor / enum.Enum are accepted (trusted group: importing runs module code)",
 }
@@ -101,7 +101,7 @@ def test_the_scan_catches_what_it_looks_for(tmp_path):
 def test_peer_layouts_cannot_name_arbitrary_classes():
     """A layout from another rank names a class by import path: anything that is not a
     tensor subclass (or an enum, for flatten contexts) is refused, not instantiated."""
-    from offload_dist.dist.parallel import _import, layout_from_json
+    from offload_dist.distributed.parallel import _import, layout_from_json
 
     with pytest.raises(TypeError, match="not a subclass of Tensor"):
         _import("subprocess:Popen", torch.Tensor)
@@ -163,8 +163,8 @@ def _rank_permissions_and_json(rank: int, ckpt: str, root: str) -> dict:
     import torch.distributed.distributed_c10d as c10d
 
     import offload_dist as od
-    from offload_dist.dist import collectives
-    from offload_dist.dist.plan import PlanPolicy
+    from offload_dist.distributed import collectives
+    from offload_dist.distributed.plan import PlanPolicy
     from offload_dist.policy import Tier
 
     os.umask(0)

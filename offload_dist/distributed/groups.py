@@ -8,7 +8,7 @@ distributed forward. So the loader treats each *block* (an element of the model'
 of layers, see :func:`find_blocks`) as one transfer:
 
 * the planner gives every module of a block one owner and one tier
-  (:func:`~offload_dist.dist.plan.group_blocks`), as long as whole blocks still balance
+  (:func:`~offload_dist.distributed.plan.group_blocks`), as long as whole blocks still balance
   the owners (a block's group, with the modules tied to its own, holds at most
   ``1 / (2 * world_size)`` of the bytes);
 * when the block starts, one :class:`TransferGroup` onload brings every module of the
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from offload_dist.cache import _KEEP, Blob, Entry
-from offload_dist.dist import collectives
-from offload_dist.dist.cache import DistModuleOffload, find_group_roots
+from offload_dist.distributed import collectives
+from offload_dist.distributed.cache import DistModuleOffload, find_group_roots
 from offload_dist.module import STATE_ATTR
 from offload_dist.prefetch import PendingOnload
 from offload_dist.tensors import aligned_offsets
@@ -52,7 +52,7 @@ def find_blocks(model: nn.Module, experts: list[str] | None = None) -> list[str]
     """Names of the model's repeated blocks: the elements of each outermost
     ``nn.ModuleList`` of >= 2 members that hold tensors (the decoder layers), except lists
     of experts and blocks that hold an onload group root (``experts``, default
-    :func:`~offload_dist.dist.cache.find_group_roots`; see [Note: onload groups])."""
+    :func:`~offload_dist.distributed.cache.find_group_roots`; see [Note: onload groups])."""
     experts = find_group_roots(model) if experts is None else list(experts)
 
     def inside(name: str, roots: list[str]) -> bool:
@@ -234,8 +234,8 @@ def register_transfer_groups(model: nn.Module, blocks: list[str]) -> list[str]:
     """Makes each block onload its modules as one transfer (see [Note: transfer groups]).
 
     Args:
-        model: a model loaded with :func:`~offload_dist.dist.loader.load_distributed`.
-        blocks: module paths (normally those :func:`~offload_dist.dist.plan.group_blocks`
+        model: a model loaded with :func:`~offload_dist.distributed.loader.load_distributed`.
+        blocks: module paths (normally those :func:`~offload_dist.distributed.plan.group_blocks`
             grouped).
 
     Returns:

@@ -1009,7 +1009,7 @@ def group_blocks(units: Sequence[Unit], blocks: Sequence[str], world_size: int) 
 
     Args:
         units: in execution order (``units_from_module`` or the loader's).
-        blocks: candidate block paths (see ``offload_dist.dist.groups.find_blocks``).
+        blocks: candidate block paths (see ``offload_dist.distributed.groups.find_blocks``).
         world_size: ranks that will own units.
 
     Returns:

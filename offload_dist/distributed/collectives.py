@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from offload_dist.dist.init import require_init
+from offload_dist.distributed.init import require_init
 from offload_dist.log import annotate
 
 ENV_CHECK = "OFFLOAD_DIST_CHECK_COLLECTIVES"
@@ -262,7 +262,8 @@ def _staged(buf: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     return buf if buf.device == dev else buf.to(dev)
 
 
-def broadcast_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None = None, *, tag: str = "") -> torch.Tensor:
+def broadcast_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None = None, *,
+                    tag: str = "") -> torch.Tensor:
     """Broadcasts a 1D ``uint8`` buffer from ``src`` in one collective (a module's bytes).
 
     Every rank passes a buffer of the same size; on ``src`` it holds the bytes. The
@@ -304,7 +305,8 @@ def recv_bytes(buf: torch.Tensor, src: int, group: dist.ProcessGroup | None = No
     return buf
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None = None, *, tag: str = "") -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None = None, *,
+               tag: str = "") -> torch.Tensor:
     """Reduces ``t`` over every rank in place (``op``: ``"sum"``, ``"max"``, ``"min"``).
 
     Returns:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from offload_dist.cache import Blob, Entry
-from offload_dist.dist import collectives
-from offload_dist.dist.cache import DistModuleOffload, RemoteSegment, wire_blobs
+from offload_dist.distributed import collectives
+from offload_dist.distributed.cache import DistModuleOffload, RemoteSegment, wire_blobs
 from offload_dist.module import STATE_ATTR, get_offload_state, install_offload
 from offload_dist.tensors import PlainLayout, SubclassLayout, TensorLayout, aligned_offsets, restore_tensor
 
@@ -268,7 +268,7 @@ def replicate_to_device(model: nn.Module, *, budget: int | None = None, required
     Collective: call on every rank.
 
     Args:
-        model: a model loaded with :func:`~offload_dist.dist.loader.load_distributed`.
+        model: a model loaded with :func:`~offload_dist.distributed.loader.load_distributed`.
         budget: bytes the replica may use on the device (default: 90% of free GPU memory,
             or 80% of available host memory for a CPU onload device).
         required: raise instead of returning False when some rank lacks the room.

@@ -15,7 +15,7 @@ bytes.
   must not block the others): on the owner it onloads locally, on every other rank it
   returns a meta tensor of the right shape and dtype, and warns once per module. Code
   that needs the values on every rank runs inside a forward, or uses
-  :func:`offload_dist.dist.parallel.replace_module_parallel`.
+  :func:`offload_dist.distributed.parallel.replace_module_parallel`.
 * Which modules a ``disable_offloading`` scope holds is decided only by forwards, so it
   is the same on every rank and the decision to skip a collective never diverges.
 * Writes: ``update_offload_parameter`` writes in place on the owner and raises
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from offload_dist.tiers.disk import StagingPool
 
 from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore, distinct_blobs
-from offload_dist.dist import collectives
+from offload_dist.distributed import collectives
 from offload_dist.log import get_logger
 from offload_dist.policy import Tier
 from offload_dist.prefetch import PendingOnload
@@ -185,7 +185,8 @@ class DistModuleOffload(ModuleOffload):
         for b, off in zip(blobs, offsets):
             out[off:off + b.nbytes].copy_(cache[b])
 
-    def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
+    def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor],
+                    blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
         if self.is_owner:
             local: dict[Entry, torch.Tensor] = {}
             self.onload_into([entry], local, {})  # never stored in a scope: see the note
@@ -289,7 +290,7 @@ def register_onload_groups(model: nn.Module, roots: list[str] | None = None) -> 
     """Makes each group root onload its whole subtree at once (see [Note: onload groups]).
 
     Args:
-        model: a model loaded with :func:`~offload_dist.dist.loader.load_distributed`.
+        model: a model loaded with :func:`~offload_dist.distributed.loader.load_distributed`.
         roots: module names; default :func:`find_group_roots`.
 
     Returns:

@@ -17,7 +17,7 @@ Launchers, in order of precedence:
 * **single process**: anything else. ``init_dist`` then creates *no* process group, so
   ``torch.distributed.is_initialized()`` stays False for third-party code and the user
   can still create a group of their own; collectives in
-  :mod:`offload_dist.dist.collectives` act locally.
+  :mod:`offload_dist.distributed.collectives` act locally.
 
 Environment overrides (arguments win over them): ``OFFLOAD_DIST_BACKEND``,
 ``OFFLOAD_DIST_TIMEOUT`` (seconds, default 300), ``OFFLOAD_DIST_DEVICE`` (onload device).
@@ -471,7 +471,7 @@ def _topology_from_env(rank: int, world_size: int, launch: LaunchEnv,
 def _gather_topology(rank: int, world_size: int, launch: LaunchEnv) -> dict[str, int]:
     """Collective: all-gathers host names and launcher ids, records the result in env."""
     # collectives.py imports this module; importing it here keeps import order one-way.
-    from offload_dist.dist.collectives import all_gather_json
+    from offload_dist.distributed.collectives import all_gather_json
 
     env_matches = launch.rank == rank and launch.world_size == world_size
     mine = {"host": socket.gethostname(),

@@ -27,9 +27,9 @@ from torch import nn
 
 from offload_dist.cache import Entry
 from offload_dist.checkpoint import INDEX_NAME
-from offload_dist.dist import collectives
-from offload_dist.dist.cache import DistModuleOffload
-from offload_dist.dist.init import current_context
+from offload_dist.distributed import collectives
+from offload_dist.distributed.cache import DistModuleOffload
+from offload_dist.distributed.init import current_context
 from offload_dist.module import get_offload_state
 from offload_dist.tensors import is_wrapper_subclass, restore_tensor
 

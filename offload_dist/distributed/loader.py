@@ -1,7 +1,7 @@
 """Loading a checkpoint across ranks: each byte read once, held once, by its owner.
 
 Steps, the same on every rank (collectives in this order, from
-:mod:`offload_dist.dist.collectives`):
+:mod:`offload_dist.distributed.collectives`):
 
 1. every rank fingerprints the checkpoint it can see (file names, sizes, headers) and
    the fingerprints are all-gathered: if every rank sees the same files, owners read
@@ -32,11 +32,11 @@ from torch import nn
 
 from offload_dist.cache import Blob, Entry, OffloadStore
 from offload_dist.checkpoint import Checkpoint, ModuleTensors, _disk_blobs, contiguous_layout, resolve_model_tensors
-from offload_dist.dist import collectives
-from offload_dist.dist.cache import DistModuleOffload, RemoteSegment, find_group_roots, register_onload_groups
-from offload_dist.dist.groups import find_blocks, register_transfer_groups
-from offload_dist.dist.init import DistContext, current_context
-from offload_dist.dist.plan import NodeSpec, Plan, PlanPolicy, RankSpec, Topology, Unit, group_blocks, make_plan
+from offload_dist.distributed import collectives
+from offload_dist.distributed.cache import DistModuleOffload, RemoteSegment, find_group_roots, register_onload_groups
+from offload_dist.distributed.groups import find_blocks, register_transfer_groups
+from offload_dist.distributed.init import DistContext, current_context
+from offload_dist.distributed.plan import NodeSpec, Plan, PlanPolicy, RankSpec, Topology, Unit, group_blocks, make_plan
 from offload_dist.log import get_logger
 from offload_dist.module import install_offload
 from offload_dist.policy import OffloadPolicy, Tier
@@ -63,7 +63,7 @@ class LoadReport:
     per_rank: list[dict] = field(default_factory=list)  # bytes_read, cpu_bytes, disk_bytes, modules
 
     def format(self) -> str:
-        from offload_dist.dist.plan import format_bytes
+        from offload_dist.distributed.plan import format_bytes
 
         lines = [f"load: {self.mode}, {format_bytes(self.checkpoint_bytes)} in {self.seconds:.2f} s "
                  f"({self.checkpoint_bytes / max(self.seconds, 1e-9) / 1e9:.2f} GB/s)",
@@ -182,7 +182,7 @@ def load_distributed(
         host_bytes: host memory the cpu tier may use per node (default: 80% of the
             memory available on the node at load time).
         disk_bytes: disk space per node for the disk tier (default: unlimited).
-        ctx: the job (default: :func:`~offload_dist.dist.init.current_context`).
+        ctx: the job (default: :func:`~offload_dist.distributed.init.current_context`).
         progress: show a progress bar on rank 0.
         onload_groups: modules that onload their whole subtree at once (see
             [Note: onload groups]); default: every module holding a list of experts.
