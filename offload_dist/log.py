@@ -46,7 +46,7 @@ def get_logger(name: str | None = None) -> logging.Logger:
     out here gets its own filter (once).
 
     Args:
-        name: Optional child name, e.g. ``"dist.init"``; a leading ``"offload_dist."``
+        name: Optional child name, e.g. ``"distributed.init"``; a leading ``"offload_dist."``
             is accepted and not doubled.
 
     Returns:

@@ -202,7 +202,7 @@ def test_require_init_under_srun(clean_env):
 
 def test_logger_prefixes_rank(clean_env, caplog):
     os.environ["RANK"] = "3"
-    logger = get_logger("dist.test")
+    logger = get_logger("distributed.test")
     assert logger.name == "offload_dist.distributed.test" and get_logger().name == "offload_dist"
     with caplog.at_level(logging.INFO, logger="offload_dist"):
         logger.info("hello %s", "world")

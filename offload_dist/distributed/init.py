@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from offload_dist.log import get_logger
 
-_log = get_logger("dist.init")
+_log = get_logger("distributed.init")
 
 DEFAULT_TIMEOUT_S = 300.0
 SLURM_PORT_BASE = 20000
