@@ -14,10 +14,10 @@ import torch.distributed as dist
 from dist_harness import RankFailedError, RankTimeoutError, run_ranks
 
 from offload_dist.distributed import collectives
-from offload_dist.distributed.init import (DistContext, DistNotInitializedError, current_context, expand_hostlist,
-                                    expand_tasks_per_node, group_by_host, init_dist, is_distributed,
-                                    is_source_process, launched_distributed, parse_launch_env, require_init,
-                                    resolve_timeout)
+from offload_dist.distributed.init import (DistContext, current_context, group_by_host, init_dist, is_distributed,
+                                           is_source_process, resolve_timeout)
+from offload_dist.distributed.launch import (DistNotInitializedError, expand_hostlist, expand_tasks_per_node,
+                                             launched_distributed, parse_launch_env, require_init)
 from offload_dist.log import get_logger
 
 _LAUNCH_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OFFLOAD_DIST_")

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from offload_dist.distributed.init import require_init
+from offload_dist.distributed.launch import require_init
 from offload_dist.log import annotate
 
 ENV_CHECK = "OFFLOAD_DIST_CHECK_COLLECTIVES"
