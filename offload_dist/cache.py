@@ -38,7 +38,7 @@ from offload_dist.policy import OffloadPolicy, Tier
 from offload_dist.prefetch import PendingOnload, Prefetcher
 from offload_dist.tensors import TensorLayout, copy_into, flatten_tensors, restore_tensor
 from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Segment, TierStore
-from offload_dist.tiers.disk import StagingPool
+from offload_dist.tiers.staging import StagingPool
 
 __all__ = ["Blob", "Entry", "OffloadStore", "ModuleOffload", "OffloadCache", "KeepScope", "OnloadOffScope",
            "OffloadError"]

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore
-from offload_dist.dispatch import DeviceMapValue, _lookup, _normalize
+from offload_dist.dispatch import DeviceMapValue, normalize_device_map, placement_for
 from offload_dist.module import install_offload, is_offloaded
 from offload_dist.policy import OffloadPolicy, Tier, parse_tier
 from offload_dist.tensors import PlainLayout, TensorLayout, aligned_offsets
-from offload_dist.tiers.disk import DiskSegment, TensorInfo, _read_into, read_safetensors_header
+from offload_dist.tiers.disk import DiskSegment, TensorInfo, read_file_into, read_safetensors_header
 
 __all__ = ["Checkpoint", "CheckpointMismatchError", "load_checkpoint_offloaded", "contiguous_layout", "ModuleTensors",
-           "resolve_model_tensors"]
+           "resolve_model_tensors", "checkpoint_blobs", "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -166,8 +166,18 @@ def resolve_model_tensors(model: nn.Module, ckpt: Checkpoint, strict: bool = Tru
     return work
 
 
-def _disk_blobs(infos: list[TensorInfo]) -> list[Blob]:
-    """Blobs for checkpoint tensors, one segment per run of tensors that are close in one file."""
+def checkpoint_blobs(infos: list[TensorInfo]) -> list[Blob]:
+    """Blobs that read checkpoint tensors where they are in their files (the disk tier).
+
+    One segment per run of tensors that are close in one file (gaps of at most 1/8 of the
+    run), so a module's tensors are read with few reads. Nothing is read here.
+
+    Args:
+        infos: checkpoint tensors, in any order.
+
+    Returns:
+        One blob per tensor, in the order of ``infos``.
+    """
     blobs: list[Blob | None] = [None] * len(infos)
     order = sorted(range(len(infos)), key=lambda i: (infos[i].path, infos[i].start))
     run: list[int] = []
@@ -203,7 +213,7 @@ def _read_blobs(infos: list[TensorInfo], store: OffloadStore, tier: Tier, device
     cpu_tier = store.tier(Tier.CPU)
     staging = cpu_tier.allocate(total, label)
     for info, off in zip(infos, offsets):
-        _read_into(info.path, info.start, staging.raw()[off:off + info.nbytes])
+        read_file_into(info.path, info.start, staging.raw()[off:off + info.nbytes])
     seg = staging
     if tier is Tier.DEVICE:
         dev_tier = store.tier(Tier.DEVICE, device)
@@ -245,13 +255,13 @@ def load_checkpoint_offloaded(
             dtype mismatch; nothing is offloaded in that case.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    placements = _normalize(device_map if device_map is not None else {"": ("cpu", "cpu")})
+    placements = normalize_device_map(device_map if device_map is not None else {"": ("cpu", "cpu")})
     store = OffloadStore(policy, offload_folder)
 
     placement_of = {}
     for mname, m in model.named_modules():
         if m._parameters or m._buffers:
-            placement = _lookup(placements, mname)
+            placement = placement_for(placements, mname)
             if placement is None:
                 raise CheckpointMismatchError(f"module '{mname}' has no entry in device_map")
             placement_of[mname] = placement
@@ -278,7 +288,7 @@ def load_checkpoint_offloaded(
             from_ckpt = [(k, full, t, info) for k, (full, t, info) in items.items() if info is not None]
             infos = [info for *_, info in from_ckpt]
             if tier_kind is Tier.DISK:
-                blobs = _disk_blobs(infos)
+                blobs = checkpoint_blobs(infos)
             elif i in reads:
                 blobs = reads.pop(i).result()
             else:

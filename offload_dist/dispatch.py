@@ -21,7 +21,7 @@ from offload_dist.module import (get_offload_state, get_offloaded_device, is_off
 from offload_dist.policy import DISK, OffloadPolicy, parse_device
 
 __all__ = ["Placement", "dispatch_model", "dispatch_with_map", "get_device_map", "remove_dispatch", "plan_dispatch",
-           "DispatchError"]
+           "DispatchError", "normalize_device_map", "placement_for"]
 
 DeviceMapValue = tuple[torch.device | str | int, torch.device | str | int] | torch.device | str | int
 
@@ -147,7 +147,22 @@ def plan_dispatch(
     return out
 
 
-def _normalize(device_map: Mapping[str, DeviceMapValue]) -> dict[str, Placement]:
+def normalize_device_map(device_map: Mapping[str, DeviceMapValue]) -> dict[str, Placement]:
+    """Turns every value of a device map into a :class:`Placement`.
+
+    A bare device means "run and rest there", except ``"cpu"`` while some value names a
+    GPU (then: run on the first GPU named, rest on cpu); ``"disk"`` runs on that GPU
+    (or cpu) and rests on disk; a tuple is ``(onload_device, offload_device)``.
+
+    Args:
+        device_map: module name -> placement, as :func:`dispatch_with_map` takes it.
+
+    Returns:
+        module name -> :class:`Placement`, in the map's order.
+
+    Raises:
+        ValueError: a tuple that is not a pair, or a device string that is unknown.
+    """
     first_gpu = None
     for v in device_map.values():
         d = v.onload if isinstance(v, Placement) else v[0] if isinstance(v, tuple) else v
@@ -174,7 +189,16 @@ def _normalize(device_map: Mapping[str, DeviceMapValue]) -> dict[str, Placement]
     return out
 
 
-def _lookup(placements: dict[str, Placement], name: str) -> Placement | None:
+def placement_for(placements: dict[str, Placement], name: str) -> Placement | None:
+    """The placement of module ``name``: its own entry, else its nearest ancestor's.
+
+    Args:
+        placements: a map from :func:`normalize_device_map` (``""`` is the root).
+        name: a qualified module name.
+
+    Returns:
+        The placement, or None when neither the module nor an ancestor has an entry.
+    """
     probe = name
     while True:
         if probe in placements:
@@ -202,14 +226,14 @@ def dispatch_with_map(
             dispatched.
     """
     offload_folder = offload_folder or offload_dir
-    placements = _normalize(device_map)
+    placements = normalize_device_map(device_map)
     todo: list[tuple[str, nn.Module, Placement]] = []
     for name, m in model.named_modules():
         if not _own_tensors(m) and not is_offloaded(m):
             continue
         if is_offloaded(m):
             raise DispatchError(f"module '{name}' is already dispatched; call remove_dispatch(model) first")
-        p = _lookup(placements, name)
+        p = placement_for(placements, name)
         if p is None:
             raise DispatchError(f"module '{name}' has tensors but no entry in device_map (keys: "
                                 f"{sorted(placements)[:8]}...); add it or one of its parents")

@@ -153,7 +153,7 @@ def _load_cases(rank: int, cases: list[dict], out_root: str) -> dict:
     ctx = od.init_dist()
     # Count every checkpoint/offload-file read by path and size (load and forward).
     reads: list[tuple[str, int]] = []
-    real_loader_read, real_disk_read = loader_mod._read_into, disk_mod._read_into
+    real_loader_read, real_disk_read = loader_mod.read_file_into, disk_mod.read_file_into
 
     def counting(real):
         def read(path, offset, out):
@@ -161,8 +161,8 @@ def _load_cases(rank: int, cases: list[dict], out_root: str) -> dict:
             return real(path, offset, out)
         return read
 
-    loader_mod._read_into = counting(real_loader_read)
-    disk_mod._read_into = counting(real_disk_read)
+    loader_mod.read_file_into = counting(real_loader_read)
+    disk_mod.read_file_into = counting(real_disk_read)
     out: dict = {"ctx": (ctx.rank, ctx.node_rank, ctx.local_rank, ctx.num_nodes), "cases": []}
     for i, case in enumerate(cases):
         folder = os.path.join(out_root, f"case{i}", f"rank{rank}", "offload")
@@ -538,7 +538,7 @@ def _local_failures(rank: int, ckpt: str, out_root: str) -> dict:
     from offload_dist.tiers.disk import DiskTier, OffloadWriteError
 
     od.init_dist()
-    real_read, real_put = loader_mod._read_into, DiskTier.put
+    real_read, real_put = loader_mod.read_file_into, DiskTier.put
 
     def bad_read(path, offset, out):
         raise OSError(errno.EIO, "injected I/O error")
@@ -561,7 +561,7 @@ def _local_failures(rank: int, ckpt: str, out_root: str) -> dict:
         if folder == "bad" and rank == failing:
             folder_arg = os.path.join(not_a_dir, "offload")  # cannot be created: its parent is a file
         if rank == failing and patch == "read":
-            loader_mod._read_into = bad_read
+            loader_mod.read_file_into = bad_read
         if rank == failing and patch == "put":
             DiskTier.put = full_disk
         try:
@@ -571,7 +571,7 @@ def _local_failures(rank: int, ckpt: str, out_root: str) -> dict:
         except Exception as e:  # noqa: BLE001 - the parent checks the type
             res[name] = (type(e).__name__, str(e))
         finally:
-            loader_mod._read_into, DiskTier.put = real_read, real_put
+            loader_mod.read_file_into, DiskTier.put = real_read, real_put
     model = BUILDERS["llama"](RANK_SEED)  # the group is still in step: a clean load works
     od.load_distributed(model, ckpt, mode="rank0", progress=False)
     with torch.no_grad():

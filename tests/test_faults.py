@@ -79,7 +79,7 @@ def _arm(case: dict, root: str) -> None:
 
     calls = {"n": 0}
     if case["fault"] == "kill_in_read":  # the 2nd checkpoint read of this rank
-        real = loader_mod._read_into
+        real = loader_mod.read_file_into
 
         def read(path, offset, out):
             calls["n"] += 1
@@ -87,7 +87,7 @@ def _arm(case: dict, root: str) -> None:
                 _die(root)
             return real(path, offset, out)
 
-        loader_mod._read_into = read
+        loader_mod.read_file_into = read
     elif case["fault"] == "kill_in_write":  # half-way through writing its 2nd offload file
         real_write = disk_mod._write_all
 
@@ -109,7 +109,7 @@ def _arm(case: dict, root: str) -> None:
 
         safetensors.torch.save_file = save_file
     elif case["fault"] == "stall_in_read":  # alive but stuck (slow filesystem) past the timeout
-        real = loader_mod._read_into
+        real = loader_mod.read_file_into
 
         def read(path, offset, out):
             calls["n"] += 1
@@ -118,7 +118,7 @@ def _arm(case: dict, root: str) -> None:
                 time.sleep(case["stall_s"])
             return real(path, offset, out)
 
-        loader_mod._read_into = read
+        loader_mod.read_file_into = read
 
 
 def _digests(folder: str) -> dict[str, str]:
@@ -416,12 +416,12 @@ def _bad_input_rank(rank: int, same: str, changed: str, root: str, mismatched: d
     # A host budget too small for the plan, no disk allowed: refused before anything is read or written.
     folder = os.path.join(root, f"small-{rank}")
     reads = []
-    real_read = loader_mod._read_into
-    loader_mod._read_into = lambda *a: (reads.append(a[0]), real_read(*a))[1]
+    real_read = loader_mod.read_file_into
+    loader_mod.read_file_into = lambda *a: (reads.append(a[0]), real_read(*a))[1]
     attempt("host_budget", lambda: od.load_distributed(_build(seed=1), same, host_bytes=10_000,
                                                        plan_policy=PlanPolicy(allow_disk=False),
                                                        offload_folder=folder, progress=False))
-    loader_mod._read_into = real_read
+    loader_mod.read_file_into = real_read
     res["host_budget_reads"] = len(reads)
     res["host_budget_folder"] = os.path.exists(folder)
     # Host memory (or vm.max_map_count) exhausted on rank 1 part-way: LoadError on every rank.

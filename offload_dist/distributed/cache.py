@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from offload_dist.tiers.disk import StagingPool
+    from offload_dist.tiers.staging import StagingPool
 
 from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore, distinct_blobs
 from offload_dist.distributed import collectives

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from offload_dist.cache import Blob, Entry, OffloadStore
-from offload_dist.checkpoint import Checkpoint, ModuleTensors, _disk_blobs, contiguous_layout, resolve_model_tensors
+from offload_dist.checkpoint import (Checkpoint, ModuleTensors, checkpoint_blobs, contiguous_layout,
+                                     resolve_model_tensors)
 from offload_dist.distributed import collectives
 from offload_dist.distributed.cache import DistModuleOffload, RemoteSegment, find_group_roots, register_onload_groups
 from offload_dist.distributed.groups import find_blocks, register_transfer_groups
@@ -41,7 +42,7 @@ from offload_dist.log import get_logger
 from offload_dist.module import install_offload
 from offload_dist.policy import OffloadPolicy, Tier
 from offload_dist.tensors import aligned_offsets, flatten_tensors
-from offload_dist.tiers.disk import SAFETENSORS_DTYPES, TensorInfo, _read_into
+from offload_dist.tiers.disk import SAFETENSORS_DTYPES, TensorInfo, read_file_into
 
 __all__ = ["LoadReport", "load_distributed", "LoadError", "units_for_load"]
 
@@ -266,7 +267,7 @@ def load_distributed(
                 buf = torch.empty(total, dtype=torch.uint8)
                 try:
                     for f, off in zip(fresh_ckpt, offsets):
-                        _read_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
+                        read_file_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
                     bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
                 except Exception as e:  # noqa: BLE001 - reported to every rank after the loop
                     error = error or f"[rank {rank}] reading module '{label}' for rank {owner}: {type(e).__name__}: {e}"
@@ -276,14 +277,14 @@ def load_distributed(
             received = False
             try:
                 if tier is Tier.DISK and reads_here and not fresh_own and mode == "owner-reads":
-                    blobs = _disk_blobs([f[3] for f in fresh_ckpt])  # read in place at forward
+                    blobs = checkpoint_blobs([f[3] for f in fresh_ckpt])  # read in place at forward
                 else:
                     host = store.tier(Tier.CPU).allocate(total, label)
                     buf = host.raw()
                     if fresh_ckpt:
                         if reads_here:
                             for f, off in zip(fresh_ckpt, offsets):
-                                _read_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
+                                read_file_into(f[3].path, f[3].start, buf[off:off + f[3].nbytes])
                             bytes_read += sum(f[3].nbytes for f in fresh_ckpt)
                         else:
                             received = True

@@ -11,8 +11,10 @@ from offload_dist.tiers.cpu import CpuSegment, CpuTier
 from offload_dist.tiers.device import DeviceSegment, DeviceTier
 from offload_dist.tiers.disk import (CorruptFileError, DiskSegment, DiskTier, OffloadWriteError, TensorInfo,
                                      read_safetensors_header)
+from offload_dist.tiers.staging import StagingPool
 
 __all__ = [
     "Segment", "TierStore", "CpuSegment", "CpuTier", "DeviceSegment", "DeviceTier", "DiskSegment", "DiskTier",
     "CorruptFileError", "OffloadWriteError", "TensorInfo", "read_safetensors_header",
+    "StagingPool",
 ]

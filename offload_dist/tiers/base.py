@@ -9,7 +9,7 @@ import abc
 import torch
 
 if TYPE_CHECKING:
-    from offload_dist.tiers.disk import StagingPool
+    from offload_dist.tiers.staging import StagingPool
 
 from offload_dist.policy import Tier
 from offload_dist.tensors import aligned_offsets

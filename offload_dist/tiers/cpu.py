@@ -24,7 +24,7 @@ import weakref
 import torch
 
 if TYPE_CHECKING:
-    from offload_dist.tiers.disk import StagingPool
+    from offload_dist.tiers.staging import StagingPool
 
 from offload_dist.log import annotate, get_logger
 from offload_dist.policy import OffloadPolicy, Tier

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from offload_dist.tiers.disk import StagingPool
+    from offload_dist.tiers.staging import StagingPool
 
 from offload_dist.policy import Tier
 from offload_dist.tiers.base import Segment, TierStore

@@ -30,9 +30,10 @@ import torch
 from offload_dist.log import annotate
 from offload_dist.policy import Tier
 from offload_dist.tiers.base import Segment, TierStore
+from offload_dist.tiers.staging import StagingPool
 
-__all__ = ["CorruptFileError", "OffloadWriteError", "TensorInfo", "read_safetensors_header", "DiskSegment",
-           "DiskTier", "StagingPool", "SAFETENSORS_DTYPES"]
+__all__ = ["CorruptFileError", "OffloadWriteError", "TensorInfo", "read_safetensors_header", "read_file_into",
+           "DiskSegment", "DiskTier", "SAFETENSORS_DTYPES"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -121,8 +122,18 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     return out
 
 
-def _read_into(path: str, offset: int, out: torch.Tensor) -> None:
-    """Fills ``out`` (1D uint8, CPU) with bytes ``[offset, offset + numel)`` of ``path``."""
+def read_file_into(path: str, offset: int, out: torch.Tensor) -> None:
+    """Fills ``out`` with bytes ``[offset, offset + out.numel())`` of ``path`` (positional reads).
+
+    Args:
+        path: the file.
+        offset: absolute byte offset in the file.
+        out: 1D ``uint8`` contiguous CPU tensor (pinned or not).
+
+    Raises:
+        CorruptFileError: the file ends before the last byte wanted (truncated).
+        OSError: the file cannot be opened or read.
+    """
     view = memoryview(out.numpy()).cast("B")
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -154,10 +165,10 @@ class DiskSegment(Segment):
              staging: StagingPool | None = None) -> torch.Tensor:
         pin = device.type == "cuda"
         if pin and staging is not None:
-            return staging.read_to_device(self.path, self.offset + start, end - start, device)
+            return staging.read_to_device(self._reader(start), end - start, device)
         with annotate("offload_dist::disk_read"):
             buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
-            _read_into(self.path, self.offset + start, buf)
+            read_file_into(self.path, self.offset + start, buf)
         if device.type == "cpu":
             return buf
         return buf.to(device, non_blocking=non_blocking and pin)
@@ -165,12 +176,21 @@ class DiskSegment(Segment):
     def read_into(self, start: int, end: int, out: torch.Tensor, *, non_blocking: bool = False,
                   staging: StagingPool | None = None) -> None:
         if out.device.type == "cuda" and staging is not None:
-            staging.read_to_device(self.path, self.offset + start, end - start, out.device, out=out)
+            staging.read_to_device(self._reader(start), end - start, out.device, out=out)
         elif out.device.type == "cpu" and out.is_contiguous():
             with annotate("offload_dist::disk_read"):
-                _read_into(self.path, self.offset + start, out)
+                read_file_into(self.path, self.offset + start, out)
         else:
             super().read_into(start, end, out, non_blocking=non_blocking, staging=staging)
+
+    def _reader(self, start: int):
+        """Reads bytes of this segment from ``start`` on: ``read(pos, buf)`` fills ``buf``."""
+        path, base = self.path, self.offset + start
+
+        def read(pos: int, buf: torch.Tensor) -> None:
+            read_file_into(path, base + pos, buf)
+
+        return read
 
     def raw(self) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
@@ -230,59 +250,6 @@ def _warm(fd: int, lo: int, hi: int) -> None:
             scratch = bytearray(WARM_CHUNK)
         os.preadv(fd, [memoryview(scratch)[:n]], pos)
         pos += n
-
-
-class StagingPool:
-    """Reusable pinned host buffers through which disk reads reach a GPU.
-
-    A read is cut into chunks; each chunk is read into a free buffer and copied to the
-    device asynchronously on the current stream, and the buffer is reused once the event
-    recorded after its copy has completed. So reads never allocate pinned memory (which
-    costs as much as the read itself) and a reader thread keeps the disk busy while the
-    previous chunk crosses PCIe. Thread-safe: several reader threads share one pool.
-
-    Args:
-        chunk: bytes per buffer.
-        count: number of buffers (pinned memory = ``chunk * count``, allocated on first use).
-    """
-
-    def __init__(self, chunk: int = 32 << 20, count: int = 8):
-        import queue
-
-        self.chunk = chunk
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._free.put((None, None))
-
-    def _acquire(self) -> torch.Tensor:
-        buf, event = self._free.get()
-        if event is not None:
-            event.synchronize()
-        if buf is None:
-            buf = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
-        return buf
-
-    def read_to_device(self, path: str, offset: int, nbytes: int, device: torch.device, *,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """Bytes ``[offset, offset + nbytes)`` of ``path`` as a uint8 tensor on ``device``: a
-        new one, or ``out``."""
-        if out is None:
-            out = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        stream = torch.cuda.current_stream(device)
-        with annotate("offload_dist::disk_read"):
-            for pos in range(0, nbytes, self.chunk):
-                n = min(self.chunk, nbytes - pos)
-                buf = self._acquire()
-                try:
-                    _read_into(path, offset + pos, buf[:n])
-                    out[pos:pos + n].copy_(buf[:n], non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                except BaseException:
-                    self._free.put((buf, None))
-                    raise
-                self._free.put((buf, event))
-        return out
 
 
 def _unlink_quietly(path: str) -> None:
