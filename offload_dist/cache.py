@@ -26,22 +26,23 @@ so leaving an inner scope releases nothing the outer one still needs.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Set
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from offload_dist.policy import OffloadPolicy, Tier
-from offload_dist.prefetch import PendingOnload, Prefetcher
-from offload_dist.tensors import TensorLayout, copy_into, flatten_tensors, restore_tensor
+from offload_dist.prefetch import OnloadState, PendingOnload, Prefetcher
+from offload_dist.tensors import PlainLayout, TensorLayout, copy_into, flatten_tensors, restore_tensor
 from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Segment, TierStore
 from offload_dist.tiers.staging import StagingPool
 
 __all__ = ["Blob", "Entry", "OffloadStore", "ModuleOffload", "OffloadCache", "KeepScope", "OnloadOffScope",
-           "OffloadError"]
+           "OffloadError", "distinct_blobs", "keep_scope", "keep_scopes", "onload_off_scope", "onload_off_scopes"]
 
 
 class OffloadError(RuntimeError):
@@ -65,14 +66,34 @@ class Blob:
 
 @dataclass(eq=False)
 class Entry:
-    """One parameter or buffer of an offloaded module."""
+    """One parameter or buffer of an offloaded module: its layout over ``blobs``.
+
+    The layout's storage indices index ``blobs`` (storage ``i`` is ``blobs[i]``).
+    """
 
     layout: TensorLayout
     blobs: tuple[Blob, ...]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the entry's blobs (a blob shared with other entries counts whole)."""
         return sum(b.nbytes for b in self.blobs)
+
+    @classmethod
+    def from_layout(cls, layout: TensorLayout, storage_blobs: list[Blob]) -> Entry:
+        """The entry of a tensor flattened among others, over the blobs of all their storages.
+
+        Args:
+            layout: the tensor's layout from :func:`~offload_dist.tensors.flatten_tensors`;
+                its storage indices index ``storage_blobs``.
+            storage_blobs: one blob per storage of the flattening.
+
+        Returns:
+            An entry that holds only the blobs the tensor uses, in first-use order, with
+            the layout's storage indices renumbered to match.
+        """
+        order = _storage_indices(layout.layout)
+        return cls(_reindex(layout, order), tuple(storage_blobs[i] for i in order))
 
 
 @dataclass(eq=False)
@@ -84,6 +105,7 @@ class KeepScope:
     blobs: dict[Blob, torch.Tensor] = field(default_factory=dict)
 
     def covers(self, state: ModuleOffload) -> bool:
+        """True when the scope applies to ``state`` (it names no model, or ``state``'s)."""
         return self.targets is None or id(state) in self.targets
 
 
@@ -94,12 +116,59 @@ class OnloadOffScope:
     targets: frozenset[int] | None
 
     def covers(self, state: ModuleOffload) -> bool:
+        """True when the scope applies to ``state`` (it names no model, or ``state``'s)."""
         return self.targets is None or id(state) in self.targets
 
 
 # See [Note: onload scopes]. Values are immutable tuples; each thread sees its own.
 _KEEP: contextvars.ContextVar[tuple[KeepScope, ...]] = contextvars.ContextVar("offload_dist_keep", default=())
 _RAW: contextvars.ContextVar[tuple[OnloadOffScope, ...]] = contextvars.ContextVar("offload_dist_raw", default=())
+
+
+def keep_scopes() -> tuple[KeepScope, ...]:
+    """The ``disable_offloading`` scopes this thread is in, outermost first."""
+    return _KEEP.get()
+
+
+def onload_off_scopes() -> tuple[OnloadOffScope, ...]:
+    """The ``disable_onloading`` scopes this thread is in, outermost first."""
+    return _RAW.get()
+
+
+@contextlib.contextmanager
+def keep_scope(targets: frozenset[int] | None) -> Iterator[KeepScope]:
+    """Enters a ``disable_offloading`` scope for this thread (see [Note: onload scopes]).
+
+    Args:
+        targets: ids of the :class:`ModuleOffload` states covered; None covers all.
+
+    Yields:
+        The scope, which holds what is onloaded under it until it exits.
+    """
+    scope = KeepScope(targets)
+    token = _KEEP.set(_KEEP.get() + (scope,))
+    try:
+        yield scope
+    finally:
+        _KEEP.reset(token)
+
+
+@contextlib.contextmanager
+def onload_off_scope(targets: frozenset[int] | None) -> Iterator[OnloadOffScope]:
+    """Enters a ``disable_onloading`` scope for this thread (see [Note: onload scopes]).
+
+    Args:
+        targets: ids of the :class:`ModuleOffload` states covered; None covers all.
+
+    Yields:
+        The scope.
+    """
+    scope = OnloadOffScope(targets)
+    token = _RAW.set(_RAW.get() + (scope,))
+    try:
+        yield scope
+    finally:
+        _RAW.reset(token)
 
 
 class OffloadStore:
@@ -185,6 +254,11 @@ class OffloadStore:
         tensors they have in common (tied weights are stored once)."""
         return OffloadStore._Sharing(self)
 
+    def shared_originals(self) -> dict[Entry, torch.Tensor]:
+        """Inside ``sharing()``: each entry made so far -> the original tensor it was made
+        from (to put modules back as they were); empty outside."""
+        return {e: t for t, e in (self._shared_entries or {}).values()}
+
     def offload(self, tensors: dict[str, torch.Tensor | None], tier: TierStore, label: str) -> dict[str, Entry | None]:
         """Moves ``tensors`` to ``tier`` (one packed segment) and returns their entries.
 
@@ -237,8 +311,7 @@ class OffloadStore:
             if lay is None:
                 entries[name] = None
                 continue
-            order = _storage_indices(lay.layout)
-            entry = Entry(_reindex(lay, order), tuple(blobs[i] for i in order))
+            entry = Entry.from_layout(lay, blobs)
             entries[name] = entry
             if self._shared_entries is not None:
                 self._shared_entries[id(t)] = (t, entry)
@@ -262,8 +335,6 @@ def _is_meta_ok(tier: TierStore) -> bool:
 
 def _storage_indices(layout) -> list[int]:
     """Distinct storage indices used by a layout, in first-use order."""
-    from offload_dist.tensors import PlainLayout
-
     out: list[int] = []
 
     def walk(lay):
@@ -280,10 +351,6 @@ def _storage_indices(layout) -> list[int]:
 
 def _reindex(entry: TensorLayout, order: list[int]) -> TensorLayout:
     """Renumbers storage indices so they index the entry's own blob tuple."""
-    from dataclasses import replace
-
-    from offload_dist.tensors import PlainLayout
-
     pos = {s: i for i, s in enumerate(order)}
 
     def walk(lay):
@@ -295,7 +362,10 @@ def _reindex(entry: TensorLayout, order: list[int]) -> TensorLayout:
 
 
 class ModuleOffload:
-    """Everything about one offloaded module.
+    """Everything about one offloaded module; the unit the prefetcher drives for it.
+
+    Implements :class:`~offload_dist.prefetch.PrefetchUnit`: a module is a unit of one
+    member, itself.
 
     Args:
         name: the module's qualified name (for messages).
@@ -327,6 +397,19 @@ class ModuleOffload:
         return f"module '{self.name}' tensor '{name}'"
 
     def get(self, kind: str, name: str) -> torch.Tensor | None:
+        """The tensor ``kind``/``name`` for a read (see [Note: onload scopes]).
+
+        Args:
+            kind: ``"_parameters"`` or ``"_buffers"``.
+            name: the tensor's name in the module.
+
+        Returns:
+            The tensor at rest, held by a scope, from the forward frame, or onloaded
+            now; None for a tensor set to None.
+
+        Raises:
+            KeyError: no such tensor.
+        """
         entry = self.entries[kind][name]
         if entry is None:
             return None
@@ -379,12 +462,56 @@ class ModuleOffload:
         return [(b.segment, b.offset, b.offset + b.nbytes) for b in self.unique_blobs()]
 
     def on_disk(self) -> bool:
+        """True when some of the module's bytes rest on the disk tier."""
         return any(b.segment.tier is Tier.DISK for b in self.unique_blobs())
 
     def is_held(self) -> bool:
         """True when a ``disable_offloading`` scope of this thread holds every tensor."""
         entries = self.all_entries()
         return any(scope.covers(self) and all(e in scope.tensors for e in entries) for scope in _KEEP.get())
+
+    def in_keep_scope(self) -> bool:
+        """True when a ``disable_offloading`` scope of this thread covers the module (it
+        holds, or will hold at the next read or forward, the module's tensors)."""
+        return any(scope.covers(self) for scope in _KEEP.get())
+
+    def is_running(self) -> bool:
+        """True while a forward of the module runs (its forward frame is open)."""
+        return self._frame is not None
+
+    # -- what the prefetcher asks of a unit (see offload_dist.prefetch.PrefetchUnit) ------
+    @property
+    def members(self) -> tuple[ModuleOffload, ...]:
+        """The module states the unit carries: this one."""
+        return (self,)
+
+    def owner_bytes(self) -> dict[int, int]:
+        """Bytes by owner rank: none here, every process holds its own copy (the
+        distributed subclass has an owner)."""
+        return {}
+
+    def onload_state(self) -> OnloadState:
+        """``RUNNING``, ``HELD`` or ``AT_REST`` (the prefetcher knows ``ONLOADING``)."""
+        if self._frame is not None:
+            return OnloadState.RUNNING
+        if self.is_held():
+            return OnloadState.HELD
+        return OnloadState.AT_REST
+
+    def carries(self, blobs: Set[Blob]) -> bool:
+        """True when one of ``blobs`` is among the module's (a tie with another module).
+
+        Asked of the entries: a disk read on a worker thread fills an onload's blobs only
+        when it is done.
+        """
+        return any(b in blobs for e in self.all_entries() for b in e.blobs)
+
+    def enter_forward_onloaded(self, tensors: Mapping[Entry, torch.Tensor]) -> None:
+        """Opens the forward frame with ``tensors`` onloaded elsewhere (a block's transfer
+        carries every tensor of the module); :meth:`exit_forward` closes it."""
+        with self._lock:
+            self._depth += 1
+            self._frame = {e: tensors[e] for e in self.all_entries()}
 
     def restore_from(self, blob_cache: dict[Blob, torch.Tensor]) -> dict[Entry, torch.Tensor]:
         """The module's tensors as views of onloaded blobs."""
@@ -398,8 +525,17 @@ class ModuleOffload:
     def fetch_blobs(self, blobs: list[Blob], cache: dict[Blob, torch.Tensor]) -> None:
         """Brings ``blobs`` to the onload device, one read per segment, into ``cache``.
 
-        This is the one place that moves bytes from a tier; the distributed cache
-        replaces it with a collective.
+        The one place that reads this process's tier for the module (blobs already in
+        ``cache`` are skipped). A distributed module calls it on the owner to fill the
+        buffer it then broadcasts (see [Note: distributed onload] in
+        :mod:`offload_dist.distributed.cache`).
+
+        Args:
+            blobs: the blobs to bring.
+            cache: blob -> its bytes on the onload device (1D ``uint8``); filled here.
+
+        Raises:
+            OffloadError: a tier failed to read (names the module and the tier).
         """
         by_seg: dict[int, list[Blob]] = {}
         for b in blobs:
@@ -419,6 +555,7 @@ class ModuleOffload:
 
     def onload_into(self, entries: list[Entry], out: dict[Entry, torch.Tensor],
                     blob_cache: dict[Blob, torch.Tensor]) -> None:
+        """Onloads ``entries`` not yet in ``out`` into it, through ``blob_cache``."""
         todo = [e for e in entries if e not in out]
         self.fetch_blobs([b for e in todo for b in e.blobs], blob_cache)
         for e in todo:
@@ -449,6 +586,8 @@ class ModuleOffload:
 
     # -- forward frame -------------------------------------------------------------------
     def enter_forward(self) -> None:
+        """Onloads every tensor for a forward: into the covering ``disable_offloading``
+        scope, else into the forward frame (opened by the outermost running call)."""
         for scope in _KEEP.get():
             if scope.covers(self):
                 # Counted first: exit_forward runs even when the onload raises.
@@ -464,6 +603,7 @@ class ModuleOffload:
                 self._frame = frame
 
     def exit_forward(self) -> None:
+        """Closes one forward; the frame is released when the last running call returns."""
         with self._lock:
             self._depth -= 1
             if self._depth <= 0:
@@ -481,6 +621,7 @@ class ModuleOffload:
                 prefetcher.discard(other)
 
     def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
+        """Offloads ``value`` as the new tensor ``kind``/``name`` (None: no tensor)."""
         self.before_write()
         old = self.entries[kind].get(name)
         if value is None:
@@ -491,6 +632,7 @@ class ModuleOffload:
         self._forget(old)
 
     def delete(self, kind: str, name: str) -> None:
+        """Removes the tensor ``kind``/``name`` from the module."""
         old = self.entries[kind].pop(name)
         self.changed()
         self._forget(old)

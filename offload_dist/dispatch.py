@@ -248,7 +248,7 @@ def dispatch_with_map(
         except BaseException:
             # Give back the original tensor objects (the sharing table holds them), so ties
             # to modules not offloaded yet survive.
-            restored: dict[Entry, torch.Tensor] = {e: t for t, e in (store._shared_entries or {}).values()}
+            restored: dict[Entry, torch.Tensor] = store.shared_originals()
             blobs: dict[Blob, torch.Tensor] = {}
             for m in done:
                 remove_module_offload(m, _restored=restored, _blobs=blobs)

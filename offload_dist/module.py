@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from offload_dist.cache import (_KEEP, _RAW, Blob, Entry, KeepScope, ModuleOffload, OffloadCache, OffloadStore,
-                                OnloadOffScope)
+from offload_dist.cache import (Blob, Entry, ModuleOffload, OffloadCache, OffloadStore, keep_scope,
+                                onload_off_scope)
 from offload_dist.policy import OffloadPolicy, Tier, parse_device, parse_tier
 from offload_dist.tensors import copy_into, restore_tensor
 
@@ -221,11 +221,8 @@ def disable_offloading(model: nn.Module | None = None) -> Iterator[None]:
     and exception-safe; everything held is released on exit.
     """
     targets = None if model is None else frozenset(id(s) for s in _states(model))
-    token = _KEEP.set(_KEEP.get() + (KeepScope(targets),))
-    try:
+    with keep_scope(targets):
         yield
-    finally:
-        _KEEP.reset(token)
 
 
 @contextlib.contextmanager
@@ -237,11 +234,8 @@ def disable_onloading(model: nn.Module | None = None) -> Iterator[None]:
     dtype. Same scope rules as :func:`disable_offloading`.
     """
     targets = None if model is None else frozenset(id(s) for s in _states(model))
-    token = _RAW.set(_RAW.get() + (OnloadOffScope(targets),))
-    try:
+    with onload_off_scope(targets):
         yield
-    finally:
-        _RAW.reset(token)
 
 
 def _states(model: nn.Module) -> list[ModuleOffload]:
@@ -367,7 +361,7 @@ def _undo(modules: list[nn.Module], store: OffloadStore) -> None:
     Must run inside ``store.sharing()``: its table gives back the original tensor
     objects, so ties to modules not offloaded yet (and callers' references) survive.
     """
-    restored: dict[Entry, torch.Tensor] = {e: t for t, e in (store._shared_entries or {}).values()}
+    restored: dict[Entry, torch.Tensor] = store.shared_originals()
     blobs: dict[Blob, torch.Tensor] = {}
     for m in modules:
         remove_module_offload(m, _restored=restored, _blobs=blobs)

@@ -53,51 +53,134 @@ such a scope covers as one transfer (it runs per module, see [Note: transfer gro
 from __future__ import annotations
 
 import collections
+import enum
 import weakref
+from collections.abc import Hashable, Mapping, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from offload_dist.cache import Blob, Entry, ModuleOffload
+from offload_dist.tiers.base import Segment
 
-__all__ = ["Prefetcher", "PendingOnload"]
+__all__ = ["Prefetcher", "PendingOnload", "PrefetchUnit", "OnloadState"]
 
 READ_AHEAD_MIN = 256 << 20  # bytes of disk modules hinted past the window, at least
 
 
+class OnloadState(enum.Enum):
+    """Where a prefetch unit's tensors are, and what each state costs in memory.
+
+    Costs are in the unit's bytes (``nbytes()``); "device" is its onload device.
+
+    * ``AT_REST``: only the offload tier holds the bytes (pinned host memory, a file, or
+      the owner rank's tier); nothing on the device. Only a unit at rest is prefetched.
+    * ``ONLOADING``: an onload was started ahead of the forward (a :class:`PendingOnload`):
+      a device buffer of the unit's bytes exists while copies, a disk read or a broadcast
+      fill it; counted in the prefetch window, so at most ``max_bytes`` (``grow_to``)
+      are in this state at once.
+    * ``RUNNING``: a forward of the unit runs: its forward frame holds the onloaded
+      tensors (the unit's bytes on the device) until the forward returns, when they are
+      freed.
+    * ``HELD``: a ``disable_offloading`` scope holds (or will hold) the tensors onloaded:
+      the unit's bytes stay on the device until the scope exits, outside the window's
+      bound; never prefetched.
+    """
+
+    AT_REST = "at_rest"
+    ONLOADING = "onloading"
+    RUNNING = "running"
+    HELD = "held"
+
+
+class PrefetchUnit(Protocol):
+    """What the prefetcher drives: one module (:class:`~offload_dist.cache.ModuleOffload`)
+    or the modules of a block that travel as one transfer
+    (:class:`~offload_dist.distributed.groups.TransferGroup`).
+
+    The prefetcher keys its learnt order on the unit objects (weakly), so a unit must be
+    hashable by identity and weak-referenceable. Blob and entry keys below are those of
+    :mod:`offload_dist.cache`; this module does not look inside them.
+
+    Attributes:
+        name: for messages and collective tags.
+        onload_device: where the unit's tensors are used.
+    """
+
+    name: str
+    onload_device: torch.device
+
+    @property
+    def members(self) -> tuple[Any, ...]:
+        """The module states the unit carries, in order (a module: itself)."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes an onload of the unit brings to the device."""
+        ...
+
+    def owner_bytes(self) -> dict[int, int]:
+        """The unit's bytes by the rank that owns them; empty where no rank owns them
+        (one process: every process holds its own copy)."""
+        ...
+
+    def on_disk(self) -> bool:
+        """True when some of the unit's bytes rest on the disk tier."""
+        ...
+
+    def read_ranges(self) -> list[tuple[Segment, int, int]]:
+        """``(segment, start, end)`` of the unit's bytes at rest (read-ahead hints)."""
+        ...
+
+    def onload_state(self) -> OnloadState:
+        """``RUNNING``, ``HELD`` or ``AT_REST`` as the unit sees itself; ``ONLOADING`` is
+        known to the prefetcher (:meth:`Prefetcher.state_of`)."""
+        ...
+
+    def carries(self, blobs: Set[Hashable]) -> bool:
+        """True when one of ``blobs`` is among the unit's (a tie with another unit)."""
+        ...
+
+    def start_onload(self, prefetcher: Prefetcher | None) -> PendingOnload:
+        """Starts bringing every tensor of the unit to the device (see [Note: stream
+        ordering]); with a prefetcher, on its copy stream and reader threads."""
+        ...
+
+    def restore_from(self, blobs: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """Entry -> tensor for every tensor of the unit, as views of onloaded blobs."""
+        ...
+
+    def enter_forward_onloaded(self, tensors: Mapping[Hashable, torch.Tensor]) -> None:
+        """Opens the forward of every member with ``tensors`` (entry -> onloaded tensor,
+        from :meth:`PendingOnload.finish`); each member's ``exit_forward`` closes it."""
+        ...
+
+
 @dataclass
 class PendingOnload:
-    """An onload that was started and not yet waited for."""
+    """An onload that was started and not yet waited for: its unit is ``ONLOADING``."""
 
-    state: ModuleOffload
-    blobs: dict[Blob, torch.Tensor] = field(default_factory=dict)
+    unit: PrefetchUnit
+    blobs: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # blob -> 1D uint8 view on the device
     event: torch.cuda.Event | None = None  # recorded on the copy stream after the copies
     work: Any = None  # an async collective handle (distributed), waited for in finish()
     buffers: list[torch.Tensor] = field(default_factory=list)  # device buffers the blobs view, when known
     future: Future | None = None  # a disk read running on the worker thread
 
-    def finish(self) -> dict[Entry, torch.Tensor]:
-        """Makes the current stream wait for the onload and returns the module's tensors."""
+    def finish(self) -> dict[Hashable, torch.Tensor]:
+        """Makes the current stream wait for the onload and returns the unit's tensors."""
         if self.future is not None:
             self.future.result()
         if self.work is not None:
             self.work.wait()
         if self.event is not None:
-            stream = torch.cuda.current_stream(self.state.onload_device)
+            stream = torch.cuda.current_stream(self.unit.onload_device)
             stream.wait_event(self.event)
             for t in self.buffers or self.blobs.values():
                 if t.device.type == "cuda":
                     t.record_stream(stream)
-        return self.state.restore_from(self.blobs)
-
-
-def _owner_bytes(unit) -> dict[int, int]:
-    """Bytes of ``unit`` by owner rank (a distributed unit says; otherwise none)."""
-    get = getattr(unit, "owner_bytes", None)
-    return get() if get is not None else {}
+        return self.unit.restore_from(self.blobs)
 
 
 def _advise(ranges) -> None:
@@ -129,10 +212,10 @@ class Prefetcher:
         # unit -> the unit that ran after it last. Weak keys and a weak set for the pass: a
         # module swapped out of the model is not kept alive here, and no id of a freed unit
         # can be mistaken for another (which could differ between ranks).
-        self._next: weakref.WeakKeyDictionary[ModuleOffload, ModuleOffload] = weakref.WeakKeyDictionary()
-        self._last: ModuleOffload | None = None
-        self._ran: weakref.WeakSet[ModuleOffload] = weakref.WeakSet()  # the units run in this pass
-        self._window: collections.deque[ModuleOffload] = collections.deque()  # predicted to run next, in order
+        self._next: weakref.WeakKeyDictionary[PrefetchUnit, PrefetchUnit] = weakref.WeakKeyDictionary()
+        self._last: PrefetchUnit | None = None
+        self._ran: weakref.WeakSet[PrefetchUnit] = weakref.WeakSet()  # the units run in this pass
+        self._window: collections.deque[PrefetchUnit] = collections.deque()  # predicted to run next, in order
         self._members: set[int] = set()  # ids of the window's states
         self._window_bytes = 0
         self.owners = owners
@@ -152,16 +235,16 @@ class Prefetcher:
         self._index: dict[int, int] = {}
         # Units built from several states (transfer groups), by name; dropped by reset()
         # with everything else that holds states.
-        self.units: dict[str, Any] = {}
+        self.units: dict[str, PrefetchUnit] = {}
 
-    def register(self, state: ModuleOffload) -> None:
-        """Records ``state`` as offloaded after every state registered before it."""
+    def register(self, state: PrefetchUnit) -> None:
+        """Records a module's ``state`` as offloaded after every state registered before it."""
         self._index[id(state)] = len(self._order)
         self._order.append(weakref.ref(state))
 
-    def _registered_after(self, unit) -> ModuleOffload | None:
+    def _registered_after(self, unit) -> PrefetchUnit | None:
         """The state offloaded right after ``unit`` (a group: after its last member)."""
-        last = unit.states[-1] if hasattr(unit, "states") else unit
+        last = unit.members[-1]
         i = self._index.get(id(last))
         order = self._order
         if i is None or order[i]() is not last:
@@ -182,6 +265,7 @@ class Prefetcher:
         return self._streams[device]
 
     def reader(self) -> ThreadPoolExecutor:
+        """Threads that read disk-tier units (``readers`` of them, made on first use)."""
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="offload_dist-read")
         return self._reader
@@ -197,63 +281,66 @@ class Prefetcher:
         while self._hints:
             self._hints.popleft().result()
 
-    def take(self, state: ModuleOffload) -> dict[Entry, torch.Tensor]:
-        """The tensors of ``state`` for its forward: from a prefetch, or onloaded now."""
-        pending = self._pending.pop(id(state), None)
+    def take(self, unit: PrefetchUnit) -> dict[Hashable, torch.Tensor]:
+        """The tensors of ``unit`` for its forward: from a prefetch, or onloaded now.
+
+        Also learns that ``unit`` ran after the unit taken before it and starts the
+        onloads of the units predicted to follow.
+        """
+        pending = self._pending.pop(id(unit), None)
         if pending is None:
-            pending = state.start_onload(self)
+            pending = unit.start_onload(self)
         # Learn the order, then look ahead.
-        if self._last is not None and self._last is not state:
-            self._next[self._last] = state
-        self._last = state
-        if state in self._ran:
+        if self._last is not None and self._last is not unit:
+            self._next[self._last] = unit
+        self._last = unit
+        if unit in self._ran:
             self._ran.clear()  # a new pass
             self._advised.clear()
-        self._ran.add(state)
+        self._ran.add(unit)
         if self.owners > 1:
-            self._owners_seen.update(_owner_bytes(state))
-        self._look_ahead(state)
-        if self.read_ahead and (self._disk or state.on_disk()):
+            self._owners_seen.update(unit.owner_bytes())
+        self._look_ahead(unit)
+        if self.read_ahead and (self._disk or unit.on_disk()):
             self._disk = True
             self._read_ahead()
         return pending.finish()
 
-    def _carrying(self, state: ModuleOffload) -> list[int]:
-        """Keys of the started onloads that carry ``state``: its own, or a group's it is in."""
-        return [k for k, p in self._pending.items()
-                if p.state is state or any(s is state for s in getattr(p.state, "states", ()))]
+    def _carrying(self, unit: PrefetchUnit) -> list[int]:
+        """Keys of the started onloads that carry ``unit``: its own, or a group's it is in."""
+        return [k for k, p in self._pending.items() if p.unit is unit or any(s is unit for s in p.unit.members)]
 
-    def is_pending(self, state: ModuleOffload) -> bool:
-        """True while a started onload carries ``state`` (alone or in a group)."""
-        return bool(self._carrying(state))
+    def is_pending(self, unit: PrefetchUnit) -> bool:
+        """True while a started onload carries ``unit`` (alone or in a group)."""
+        return bool(self._carrying(unit))
 
-    def discard(self, state: ModuleOffload) -> None:
-        """Waits for and drops every started onload that carries ``state`` (its bytes
+    def state_of(self, unit: PrefetchUnit) -> OnloadState:
+        """``ONLOADING`` while a started onload carries ``unit`` (alone or in a group), else
+        what the unit says of itself."""
+        return OnloadState.ONLOADING if self.is_pending(unit) else unit.onload_state()
+
+    def discard(self, unit: PrefetchUnit) -> None:
+        """Waits for and drops every started onload that carries ``unit`` (its bytes
         changed). Call on every rank alike: the onloads dropped are collectives."""
-        for key in self._carrying(state):
+        for key in self._carrying(unit):
             self._pending.pop(key).finish()
 
-    def sharing(self, blobs) -> list[ModuleOffload]:
-        """The states whose started onload carries one of ``blobs`` (ties across modules).
+    def sharing(self, blobs) -> list[PrefetchUnit]:
+        """The units whose started onload carries one of ``blobs`` (ties across modules)."""
+        wanted = set(blobs)
+        return [p.unit for p in self._pending.values() if p.unit.carries(wanted)]
 
-        Asked of the states' entries: a disk read on the worker thread fills
-        ``PendingOnload.blobs`` only when it is done.
-        """
-        ids = {id(b) for b in blobs}
-        return [p.state for p in self._pending.values()
-                if any(id(b) in ids for e in p.state.all_entries() for b in e.blobs)]
-
-    def _look_ahead(self, state: ModuleOffload) -> None:
+    def _look_ahead(self, unit: PrefetchUnit) -> None:
         window, members, nxt, ran, pending = self._window, self._members, self._next, self._ran, self._pending
         # The window of predicted modules slides by one when the prediction came true.
-        slid = bool(window) and window[0] is state
+        slid = bool(window) and window[0] is unit
         owned = self._owned
         if slid:
             window.popleft()
-            members.discard(id(state))
-            self._window_bytes -= state.nbytes()
+            members.discard(id(unit))
+            self._window_bytes -= unit.nbytes()
             if self.owners > 1:
-                owned.subtract(_owner_bytes(state))
+                owned.subtract(unit.owner_bytes())
         else:
             window.clear()
             members.clear()
@@ -263,10 +350,10 @@ class Prefetcher:
         # Every member kept by the slide has a started onload, unless one was skipped
         # (held, running) or discarded: then all members are looked at again below.
         rescan = not slid or len(pending) < first_new
-        cur: ModuleOffload | None = window[-1] if window else state
+        cur: PrefetchUnit | None = window[-1] if window else unit
         while len(window) < self.depth:
             cur = nxt.get(cur)
-            if cur is None or cur in ran or id(cur) in members or cur is state:
+            if cur is None or cur in ran or id(cur) in members or cur is unit:
                 break
             nbytes = cur.nbytes()
             if window and self._window_bytes + nbytes > self.max_bytes and not self._starved(nbytes):
@@ -275,7 +362,7 @@ class Prefetcher:
             members.add(id(cur))
             self._window_bytes += nbytes
             if self.owners > 1:
-                owned.update(_owner_bytes(cur))
+                owned.update(cur.owner_bytes())
         # Drop predictions that fell out of the window (oldest first; same on every rank).
         # After a slide every pending onload is still in the window (take() popped this one).
         if not slid and any(k not in members for k in pending):
@@ -283,7 +370,7 @@ class Prefetcher:
                 pending.pop(key).finish()  # waited for, then freed: never left in flight
         for i in range(0 if rescan else first_new, len(window)):
             s = window[i]
-            if id(s) not in pending and s._frame is None and not s.is_held():
+            if id(s) not in pending and s.onload_state() is OnloadState.AT_REST:
                 pending[id(s)] = s.start_onload(self)
 
     def _starved(self, nbytes: int) -> bool:

@@ -452,12 +452,16 @@ def test_prefetch_window_default_grows_with_ranks():
 
 
 class _Unit:
-    """What the prefetcher asks of a unit, with an owner rank and no bytes to move."""
+    """A PrefetchUnit with an owner rank and no bytes to move."""
 
-    _frame = None
+    onload_device = torch.device("cpu")
 
     def __init__(self, name: str, nbytes: int, owner: int):
         self.name, self.size, self.owner = name, nbytes, owner
+
+    @property
+    def members(self) -> tuple:
+        return (self,)
 
     def nbytes(self) -> int:
         return self.size
@@ -465,10 +469,18 @@ class _Unit:
     def owner_bytes(self) -> dict[int, int]:
         return {self.owner: self.size}
 
-    def is_held(self) -> bool:
+    def on_disk(self) -> bool:
         return False
 
-    def on_disk(self) -> bool:
+    def read_ranges(self) -> list:
+        return []
+
+    def onload_state(self):
+        from offload_dist.prefetch import OnloadState
+
+        return OnloadState.AT_REST
+
+    def carries(self, blobs) -> bool:
         return False
 
     def start_onload(self, prefetcher):
@@ -478,6 +490,9 @@ class _Unit:
 
     def restore_from(self, blobs) -> dict:
         return {}
+
+    def enter_forward_onloaded(self, tensors) -> None:
+        pass
 
 
 @pytest.mark.parametrize("owners", [1, 2])

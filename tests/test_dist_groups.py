@@ -67,7 +67,7 @@ def test_group_blocks_bounds_groups_merged_by_ties_across_blocks():
 
 
 def test_find_blocks_are_decoder_layers_without_experts():
-    from offload_dist.distributed.cache import find_group_roots
+    from offload_dist.distributed.groups import find_group_roots
     from offload_dist.distributed.groups import find_blocks
 
     assert find_blocks(tiny_llama(layers=3)) == ["model.layers.0", "model.layers.1", "model.layers.2"]

@@ -97,7 +97,7 @@ def test_without_groups_the_divergence_is_detected(tmp_path):
 
 
 def test_group_roots_found():
-    from offload_dist.distributed.cache import find_group_roots
+    from offload_dist.distributed.groups import find_group_roots
 
     assert find_group_roots(Toy()) == ["moe1", "moe2"]
     from transformers import LlamaConfig, LlamaForCausalLM

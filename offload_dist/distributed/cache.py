@@ -34,21 +34,19 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 if TYPE_CHECKING:
     from offload_dist.tiers.staging import StagingPool
 
-from offload_dist.cache import _KEEP, Blob, Entry, ModuleOffload, OffloadStore, distinct_blobs
+from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore, distinct_blobs, keep_scopes
 from offload_dist.distributed import collectives
 from offload_dist.log import get_logger
 from offload_dist.policy import Tier
-from offload_dist.prefetch import PendingOnload
+from offload_dist.prefetch import OnloadState, PendingOnload
 from offload_dist.tensors import aligned_offsets, restore_tensor
 from offload_dist.tiers.base import Segment, TierStore
 
-__all__ = ["DistModuleOffload", "RemoteSegment", "NotOwnerError", "WriteConflictError", "wire_blobs", "wire_offsets",
-           "find_group_roots", "register_onload_groups"]
+__all__ = ["DistModuleOffload", "RemoteSegment", "NotOwnerError", "WriteConflictError", "wire_blobs", "wire_offsets"]
 
 _log = get_logger()
 
@@ -203,7 +201,7 @@ class DistModuleOffload(ModuleOffload):
         if prefetcher is None:
             return
         # A module tied to this one (same owner) carries the same bytes in its broadcast.
-        busy = [self] if prefetcher.is_pending(self) else prefetcher.sharing(blobs)
+        busy = [self] if prefetcher.state_of(self) is OnloadState.ONLOADING else prefetcher.sharing(blobs)
         if busy:
             tied = "" if busy[0] is self else f" (it shares the bytes written to '{self.name}')"
             raise WriteConflictError(f"[rank {self.rank}] module '{busy[0].name}' is being broadcast ahead of its "
@@ -219,7 +217,7 @@ class DistModuleOffload(ModuleOffload):
         entry = self.entries[kind].get(name)
         if entry is None:
             raise KeyError(f"{self._label(name)} does not exist or is None; assign it instead")
-        if any(entry in scope.tensors for scope in _KEEP.get()):
+        if any(entry in scope.tensors for scope in keep_scopes()):
             raise WriteConflictError(
                 f"[rank {self.rank}] module '{self.name}' tensor '{name}': a disable_offloading scope holds it "
                 "onloaded on every rank, and a write now would change only this rank's copy; update it outside "
@@ -235,72 +233,3 @@ class DistModuleOffload(ModuleOffload):
 
     def delete(self, kind: str, name: str) -> None:
         self.set(kind, name, None)
-
-
-# [Note: onload groups]
-# Data-parallel ranks run the same modules, except where routing depends on the data:
-# a mixture-of-experts block that calls only the experts its tokens were routed to runs a
-# different set of expert modules on each rank, and per-module broadcasts would then
-# diverge and hang. A *group root* (the module that holds a list of experts) therefore
-# onloads every offloaded module below it, in ``named_modules()`` order, when it starts:
-# every rank runs the root, so every rank issues the same broadcasts, and the experts'
-# own forwards find their tensors already onloaded. Everything is released when the root
-# returns. Models whose experts are one fused module (most current transformers MoE
-# models) have no group root and need none.
-
-GROUP_ATTR = "_offload_dist_group"
-
-
-def find_group_roots(model: nn.Module) -> list[str]:
-    """Names of modules that hold a list of experts (a ``ModuleList``/``ModuleDict`` child
-    whose attribute name contains "expert", with >= 2 members that have tensors)."""
-    roots = []
-    for name, m in model.named_modules():
-        for child_name, child in m.named_children():
-            if not isinstance(child, (nn.ModuleList, nn.ModuleDict)) or "expert" not in child_name.lower():
-                continue
-            items = list(child.values()) if isinstance(child, nn.ModuleDict) else list(child)
-            if name and len(items) >= 2 and any(True for i in items for _ in i.parameters()):
-                roots.append(name)
-                break
-    # A root inside another root is covered by the outer one.
-    return [r for r in roots if not any(r != o and r.startswith(o + ".") for o in roots)]
-
-
-def _group_states(root: nn.Module) -> list[DistModuleOffload]:
-    out = []
-    for m in root.modules():
-        s = m.__dict__.get("_offload_dist_state")
-        if isinstance(s, DistModuleOffload):
-            out.append(s)
-    return out
-
-
-def _group_pre(module: nn.Module, args) -> None:
-    for s in _group_states(module):
-        s.enter_forward()
-
-
-def _group_post(module: nn.Module, args, output) -> None:
-    for s in _group_states(module):
-        s.exit_forward()
-
-
-def register_onload_groups(model: nn.Module, roots: list[str] | None = None) -> list[str]:
-    """Makes each group root onload its whole subtree at once (see [Note: onload groups]).
-
-    Args:
-        model: a model loaded with :func:`~offload_dist.distributed.loader.load_distributed`.
-        roots: module names; default :func:`find_group_roots`.
-
-    Returns:
-        The group roots registered.
-    """
-    roots = find_group_roots(model) if roots is None else roots
-    for name in roots:
-        m = model.get_submodule(name)
-        if GROUP_ATTR in m.__dict__:
-            continue
-        m.__dict__[GROUP_ATTR] = (m.register_forward_pre_hook(_group_pre, prepend=True),
-                                  m.register_forward_hook(_group_post, always_call=True))
-    return roots

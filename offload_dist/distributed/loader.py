@@ -34,8 +34,9 @@ from offload_dist.cache import Blob, Entry, OffloadStore
 from offload_dist.checkpoint import (Checkpoint, ModuleTensors, checkpoint_blobs, contiguous_layout,
                                      resolve_model_tensors)
 from offload_dist.distributed import collectives
-from offload_dist.distributed.cache import DistModuleOffload, RemoteSegment, find_group_roots, register_onload_groups
-from offload_dist.distributed.groups import find_blocks, register_transfer_groups
+from offload_dist.distributed.cache import DistModuleOffload, RemoteSegment
+from offload_dist.distributed.groups import (find_blocks, find_group_roots, register_onload_groups,
+                                             register_transfer_groups)
 from offload_dist.distributed.init import DistContext, current_context
 from offload_dist.distributed.plan import NodeSpec, Plan, PlanPolicy, RankSpec, Topology, Unit, group_blocks, make_plan
 from offload_dist.log import get_logger
@@ -316,11 +317,8 @@ def load_distributed(
             entries[k] = entries_by_key[key] = Entry(contiguous_layout(info, bool(t.requires_grad), param_type), (b,))
         if own_flat:
             own_blobs = blobs[len(fresh_ckpt):]
-            from offload_dist.cache import _reindex, _storage_indices
             for k, lay in own_flat.layouts.items():
-                order = _storage_indices(lay.layout)
-                entries[k] = entries_by_key[w.items[k][0]] = Entry(_reindex(lay, order),
-                                                                   tuple(own_blobs[i] for i in order))
+                entries[k] = entries_by_key[w.items[k][0]] = Entry.from_layout(lay, own_blobs)
         for k, (key, t, info) in w.items.items():
             if k not in entries:
                 entries[k] = None if t is None else entries_by_key[key]
