@@ -1,22 +1,31 @@
-"""The mapping that replaces a module's ``_parameters`` and ``_buffers``.
+"""The mapping that replaces a module's ``_parameters`` and ``_buffers``, and what it reads.
 
 Reading ``module.weight`` onloads; assigning ``module.weight = p`` offloads. The state of
-one offloaded module lives in a :class:`ModuleOffload`; the two mappings are thin views
-of it. Stores, blobs and entries:
+one offloaded module lives in a :class:`ModuleOffload`; the two :class:`OffloadCache`
+mappings are thin views of it. A ``ModuleOffload`` is also the unit the prefetcher
+drives for a module (it implements :class:`~offload_dist.prefetch.PrefetchUnit`). Stores,
+blobs and entries:
 
 * an :class:`OffloadStore` groups the modules offloaded together (one model); it owns
-  the tier objects and, while a model is being offloaded, the table that lets two
-  modules that share a tensor share its offloaded bytes;
+  the tier objects, the prefetcher, the pinned staging buffers of disk reads and, while
+  a model is being offloaded, the table that lets two modules that share a tensor share
+  its offloaded bytes;
 * a :class:`Blob` is one flattened storage: a byte range of a tier segment. Tensors
   that view one storage share one blob (see [Note: tensor layouts]);
 * an :class:`Entry` is one parameter or buffer: a layout plus the blobs it views.
+
+The ``disable_offloading``/``disable_onloading`` scopes are entered here
+(:func:`keep_scope`, :func:`onload_off_scope`) and read by the distributed subclasses
+(:func:`keep_scopes`); their public context managers are in :mod:`offload_dist.module`.
 
 [Note: onload scopes]
 A read looks, in order, for (1) ``disable_onloading`` active for this module: return the
 tensor at rest; (2) a ``disable_offloading`` scope covering this module: return the
 copy the scope holds, onloading it once; (3) the forward frame: inside the module's
-forward every tensor was onloaded together and is returned from there; (4) otherwise
-onload this one tensor, and hand it to the caller without keeping it.
+forward every tensor was onloaded together (by the module's own onload, or by a
+transfer of its whole block: :meth:`ModuleOffload.enter_forward_onloaded`) and is
+returned from there; (4) otherwise onload this one tensor, and hand it to the caller
+without keeping it.
 
 Both scopes live in :mod:`contextvars` variables: they apply to the thread (or asyncio
 task) that entered them, never to other threads, and may be limited to one model. They
@@ -221,6 +230,12 @@ class OffloadStore:
             out.setdefault(e, t)
 
     def tier(self, tier: Tier, device: torch.device | None = None) -> TierStore:
+        """The store's tier object of kind ``tier`` (one per device for the device tier),
+        made on first use.
+
+        Raises:
+            ValueError: the disk tier is asked for and the store has no offload folder.
+        """
         key = (tier, device if tier is Tier.DEVICE else None)
         if key not in self._tiers:
             if tier is Tier.CPU:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore
-from offload_dist.dispatch import DeviceMapValue, normalize_device_map, placement_for
+from offload_dist.dispatch import DeviceMapValue, Placement, normalize_device_map, placement_for
 from offload_dist.module import install_offload, is_offloaded
 from offload_dist.policy import OffloadPolicy, Tier, parse_tier
 from offload_dist.tensors import PlainLayout, TensorLayout, aligned_offsets
@@ -83,6 +83,7 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of tensor data in the checkpoint."""
         return sum(t.nbytes for t in self.tensors.values())
 
 
@@ -255,19 +256,11 @@ def load_checkpoint_offloaded(
             dtype mismatch; nothing is offloaded in that case.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    placements = normalize_device_map(device_map if device_map is not None else {"": ("cpu", "cpu")})
+    placement_of = _placements(model, device_map)
+    work = [(w, placement_of[w.name]) for w in resolve_model_tensors(model, ckpt, strict)]
     store = OffloadStore(policy, offload_folder)
 
-    placement_of = {}
-    for mname, m in model.named_modules():
-        if m._parameters or m._buffers:
-            placement = placement_for(placements, mname)
-            if placement is None:
-                raise CheckpointMismatchError(f"module '{mname}' has no entry in device_map")
-            placement_of[mname] = placement
-    work = [(w.name, w.module, placement_of[w.name], w.items) for w in resolve_model_tensors(model, ckpt, strict)]
-
-    # Pass 2: put bytes in their tiers and install the caches. Reads into the cpu tier
+    # Put bytes in their tiers and install the caches. Reads into the cpu tier
     # (allocate, pin, read) run on a few threads ahead of the installation, which stays
     # in module order on this thread.
     entries_by_name: dict[str, Entry] = {}
@@ -276,43 +269,14 @@ def load_checkpoint_offloaded(
     pool = ThreadPoolExecutor(max_workers=_LOAD_THREADS, thread_name_prefix="offload_dist-load")
     reads: dict[int, Future] = {}
     try:
-        for i, (mname, m, placement, items) in enumerate(work):
+        for i, (w, placement) in enumerate(work):
             tier_kind, _ = parse_tier(placement.offload, placement.onload)
-            infos = [info for _, _, info in items.values() if info is not None]
+            infos = [info for _, _, info in w.items.values() if info is not None]
             if tier_kind is Tier.CPU and infos:
-                reads[i] = pool.submit(_read_blobs, infos, store, Tier.CPU, None, mname or type(m).__name__)
-        for i, (mname, m, placement, items) in enumerate(work):
-            label = mname or type(m).__name__
-            tier_kind, tier_dev = parse_tier(placement.offload, placement.onload)
-            tier = store.tier(tier_kind, tier_dev) if tier_kind is not Tier.DISK or offload_folder else None
-            from_ckpt = [(k, full, t, info) for k, (full, t, info) in items.items() if info is not None]
-            infos = [info for *_, info in from_ckpt]
-            if tier_kind is Tier.DISK:
-                blobs = checkpoint_blobs(infos)
-            elif i in reads:
-                blobs = reads.pop(i).result()
-            else:
-                blobs = _read_blobs(infos, store, tier_kind, tier_dev, label) if infos else []
-            entries: dict[str, Entry | None] = {}
-            for (k, full, t, info), blob in zip(from_ckpt, blobs):
-                param_type = type(t) if isinstance(t, nn.Parameter) else None
-                entry = Entry(contiguous_layout(info, bool(t.requires_grad), param_type), (blob,))
-                entries[k] = entries_by_name[full] = entry
-            own = {k: t for k, (full, t, info) in items.items() if info is None and t is not None
-                   and full not in entries_by_name}
-            if own:
-                # Tensors outside the checkpoint (non-persistent buffers) have no file to
-                # rest in without an offload folder: they stay in host memory.
-                made = store.offload(own, tier or store.tier(Tier.CPU), label)
-                for k, e in made.items():
-                    entries[k] = entries_by_name[items[k][0]] = e
-            for k, (full, t, info) in items.items():
-                if k not in entries:
-                    entries[k] = None if t is None else entries_by_name[full]
-            state = ModuleOffload(label, placement.onload, tier or _DiskCheckpointTier(), store)
-            install_offload(m, state, {n[1:]: e for n, e in entries.items() if n[0] == "p"},
-                            {n[1:]: e for n, e in entries.items() if n[0] == "b"})
-            installed.append(m)
+                reads[i] = pool.submit(_read_blobs, infos, store, Tier.CPU, None, w.name or type(w.module).__name__)
+        for i, (w, placement) in enumerate(work):
+            _install_module(w, placement, store, offload_folder, reads.pop(i, None), entries_by_name)
+            installed.append(w.module)
     except BaseException:
         from offload_dist.module import remove_module_offload
         for f in reads.values():
@@ -323,6 +287,64 @@ def load_checkpoint_offloaded(
         raise
     pool.shutdown(wait=True)
     return model
+
+
+def _placements(model: nn.Module, device_map: Mapping[str, DeviceMapValue] | None) -> dict[str, Placement]:
+    """The placement of every module with tensors of its own (default: all on cpu).
+
+    Raises:
+        CheckpointMismatchError: a module has no entry (nor an ancestor) in ``device_map``.
+    """
+    placements = normalize_device_map(device_map if device_map is not None else {"": ("cpu", "cpu")})
+    placement_of = {}
+    for mname, m in model.named_modules():
+        if m._parameters or m._buffers:
+            placement = placement_for(placements, mname)
+            if placement is None:
+                raise CheckpointMismatchError(f"module '{mname}' has no entry in device_map")
+            placement_of[mname] = placement
+    return placement_of
+
+
+def _install_module(w: ModuleTensors, placement: Placement, store: OffloadStore, offload_folder: str | None,
+                    read: Future | None, entries_by_name: dict[str, Entry]) -> None:
+    """Offloads one module: its checkpoint tensors (read ahead by ``read`` for the cpu
+    tier, read in place for the disk tier), then its own tensors and ties; installs it.
+
+    ``entries_by_name`` maps the tensor names seen so far to their entries (ties to
+    earlier modules resolve there) and is extended.
+    """
+    m, items = w.module, w.items
+    label = w.name or type(m).__name__
+    tier_kind, tier_dev = parse_tier(placement.offload, placement.onload)
+    tier = store.tier(tier_kind, tier_dev) if tier_kind is not Tier.DISK or offload_folder else None
+    from_ckpt = [(k, full, t, info) for k, (full, t, info) in items.items() if info is not None]
+    infos = [info for *_, info in from_ckpt]
+    if tier_kind is Tier.DISK:
+        blobs = checkpoint_blobs(infos)
+    elif read is not None:
+        blobs = read.result()
+    else:
+        blobs = _read_blobs(infos, store, tier_kind, tier_dev, label) if infos else []
+    entries: dict[str, Entry | None] = {}
+    for (k, full, t, info), blob in zip(from_ckpt, blobs):
+        param_type = type(t) if isinstance(t, nn.Parameter) else None
+        entry = Entry(contiguous_layout(info, bool(t.requires_grad), param_type), (blob,))
+        entries[k] = entries_by_name[full] = entry
+    own = {k: t for k, (full, t, info) in items.items() if info is None and t is not None
+           and full not in entries_by_name}
+    if own:
+        # Tensors outside the checkpoint (non-persistent buffers) have no file to
+        # rest in without an offload folder: they stay in host memory.
+        made = store.offload(own, tier or store.tier(Tier.CPU), label)
+        for k, e in made.items():
+            entries[k] = entries_by_name[items[k][0]] = e
+    for k, (full, t, info) in items.items():
+        if k not in entries:
+            entries[k] = None if t is None else entries_by_name[full]
+    state = ModuleOffload(label, placement.onload, tier or _DiskCheckpointTier(), store)
+    install_offload(m, state, {n[1:]: e for n, e in entries.items() if n[0] == "p"},
+                    {n[1:]: e for n, e in entries.items() if n[0] == "b"})
 
 
 class _DiskCheckpointTier:

@@ -39,6 +39,7 @@ class Placement:
 
     @property
     def resident(self) -> bool:
+        """True when the module rests where it runs (nothing is offloaded)."""
         return self.offload == self.onload
 
 

@@ -36,6 +36,7 @@ def get_offload_state(module: nn.Module) -> ModuleOffload | None:
 
 
 def is_offloaded(module: nn.Module) -> bool:
+    """True when ``module``'s own tensors are offloaded (see :func:`offload_module`)."""
     return STATE_ATTR in module.__dict__
 
 

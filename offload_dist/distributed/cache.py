@@ -71,9 +71,15 @@ class RemoteSegment(Segment):
 
     def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
              staging: StagingPool | None = None) -> torch.Tensor:
+        """Never succeeds: the bytes are on rank ``owner``.
+
+        Raises:
+            NotOwnerError: always.
+        """
         raise NotOwnerError(f"these bytes rest on rank {self.owner}; they reach this rank only by a collective")
 
     def raw(self) -> torch.Tensor:
+        """A meta tensor of the segment's size: no bytes here."""
         return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
 
 
@@ -83,6 +89,7 @@ def wire_blobs(entries: list[Entry]) -> list[Blob]:
 
 
 def wire_offsets(blobs: list[Blob]) -> tuple[list[int], int]:
+    """Offsets of ``blobs`` in a wire buffer (64-byte aligned) and the buffer's size."""
     return aligned_offsets(b.nbytes for b in blobs)
 
 
@@ -107,6 +114,7 @@ class DistModuleOffload(ModuleOffload):
         self.version = 0  # counts changes of the entries (caches built on the layout compare it)
 
     def changed(self) -> None:
+        """Forgets the derived caches and the wire layout; counts a new ``version``."""
         super().changed()
         self._wire = None
         self.version += 1
@@ -125,9 +133,12 @@ class DistModuleOffload(ModuleOffload):
 
     @property
     def is_owner(self) -> bool:
+        """True on the rank whose tier holds the module's bytes."""
         return self.rank == self.owner
 
     def onload_module(self, out: dict[Entry, torch.Tensor], blob_cache: dict[Blob, torch.Tensor]) -> None:
+        """Onloads every tensor with one broadcast from the owner (collective: every rank
+        calls it for the module in the same order); nothing when ``out`` holds them all."""
         entries = self.all_entries()
         if all(e in out for e in entries):
             return  # held by a scope; the same on every rank (see the note)
@@ -185,6 +196,8 @@ class DistModuleOffload(ModuleOffload):
 
     def onload_lazy(self, entry: Entry, out: dict[Entry, torch.Tensor],
                     blob_cache: dict[Blob, torch.Tensor]) -> torch.Tensor:
+        """A read outside a forward, without a collective: onloaded on the owner, a meta
+        tensor elsewhere (warned once); never kept in ``out`` (see the note)."""
         if self.is_owner:
             local: dict[Entry, torch.Tensor] = {}
             self.onload_into([entry], local, {})  # never stored in a scope: see the note
@@ -197,6 +210,12 @@ class DistModuleOffload(ModuleOffload):
                                              for b in entry.blobs])
 
     def before_write(self, blobs: tuple[Blob, ...] = ()) -> None:
+        """Refuses a write while the module, or one that shares ``blobs``, is being
+        broadcast ahead of its forward (dropping it on one rank would desynchronise).
+
+        Raises:
+            WriteConflictError: an onload of it is in flight.
+        """
         prefetcher = self.store.prefetcher
         if prefetcher is None:
             return
@@ -209,6 +228,13 @@ class DistModuleOffload(ModuleOffload):
                                      "between passes")
 
     def update(self, kind: str, name: str, data: torch.Tensor) -> None:
+        """Writes ``data`` into the owner's offloaded bytes (not the onloaded copies).
+
+        Raises:
+            NotOwnerError: on a rank that is not the owner.
+            KeyError: no such tensor.
+            WriteConflictError: a scope holds the tensor, or an onload of it is in flight.
+        """
         if not self.is_owner:
             raise NotOwnerError(f"[rank {self.rank}] module '{self.name}' tensor '{name}' is owned by rank "
                                 f"{self.owner}: update it on the owner (offload_dist.is_owner(module)) or compute "
@@ -227,9 +253,15 @@ class DistModuleOffload(ModuleOffload):
         self.write_at_rest(entry, data, self._label(name))
 
     def set(self, kind: str, name: str, value: torch.Tensor | None) -> None:
+        """Refused on every rank: the tensor structure must change on all ranks at once.
+
+        Raises:
+            NotOwnerError: always (use ``replace_module_parallel``).
+        """
         raise NotOwnerError(f"[rank {self.rank}] module '{self.name}': assigning '{name}' would change the tensor only "
                             "on this rank; use offload_dist.replace_module_parallel to replace a module's tensors "
                             "on every rank, or update_offload_parameter on the owner for same-shape writes")
 
     def delete(self, kind: str, name: str) -> None:
+        """Refused like :meth:`set`."""
         self.set(kind, name, None)

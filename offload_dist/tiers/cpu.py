@@ -34,6 +34,13 @@ _log = get_logger()
 
 
 class CpuSegment(Segment):
+    """Bytes in host memory (pinned or pageable): a 1D ``uint8`` CPU tensor.
+
+    Args:
+        data: the bytes.
+        pinned: whether ``data`` is page-locked (then copies to a GPU may be asynchronous).
+    """
+
     tier = Tier.CPU
 
     def __init__(self, data: torch.Tensor, pinned: bool = False):
@@ -46,6 +53,7 @@ class CpuSegment(Segment):
 
     def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
              staging: StagingPool | None = None) -> torch.Tensor:
+        """A view on cpu; else a copy, asynchronous when pinned and ``non_blocking``."""
         view = self.data[start:end]
         if device.type == "cpu":
             return view
@@ -57,6 +65,7 @@ class CpuSegment(Segment):
 
     def read_into(self, start: int, end: int, out: torch.Tensor, *, non_blocking: bool = False,
                   staging: StagingPool | None = None) -> None:
+        """Copies into ``out``, asynchronously when pinned, ``non_blocking`` and on CUDA."""
         asynchronous = non_blocking and self.pinned and out.device.type == "cuda"
         if asynchronous:
             self.read_on.add(out.device.index if out.device.index is not None else torch.cuda.current_device())
@@ -64,12 +73,15 @@ class CpuSegment(Segment):
             out.copy_(self.data[start:end], non_blocking=asynchronous)
 
     def quiesce(self) -> None:
+        """Waits for the devices that asynchronous copies of these bytes were issued to."""
         _wait_for_devices(self.read_on)
 
     def raw(self) -> torch.Tensor:
+        """The bytes themselves (writes to it land in the segment)."""
         return self.data
 
     def write(self, start: int, data: torch.Tensor) -> None:
+        """Copies ``data``'s bytes in at ``start`` (call :meth:`quiesce` first)."""
         self.data[start:start + data.numel()].copy_(data.reshape(-1).view(torch.uint8))
 
 
@@ -105,6 +117,7 @@ class CpuTier(TierStore):
         self._pin = self.policy.should_pin()
 
     def allocate(self, nbytes: int, label: str) -> CpuSegment:
+        """A new segment, pinned as the policy says (pageable when pinning fails)."""
         if self._pin and nbytes > 0:
             try:
                 if self.policy.pin_method == "alloc":

@@ -29,6 +29,7 @@ import torch
 
 from offload_dist.log import annotate
 from offload_dist.policy import Tier
+from offload_dist.tensors import aligned_offsets
 from offload_dist.tiers.base import Segment, TierStore
 from offload_dist.tiers.staging import StagingPool
 
@@ -65,6 +66,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data in the file."""
         return self.end - self.start
 
 
@@ -163,6 +165,13 @@ class DiskSegment(Segment):
 
     def read(self, start: int, end: int, device: torch.device, *, non_blocking: bool = False,
              staging: StagingPool | None = None) -> torch.Tensor:
+        """Reads the bytes: through ``staging`` to a GPU, else into new (pinned for a GPU)
+        host memory.
+
+        Raises:
+            CorruptFileError: the file is shorter than the segment (truncated).
+            OSError: the file cannot be read.
+        """
         pin = device.type == "cuda"
         if pin and staging is not None:
             return staging.read_to_device(self._reader(start), end - start, device)
@@ -175,6 +184,8 @@ class DiskSegment(Segment):
 
     def read_into(self, start: int, end: int, out: torch.Tensor, *, non_blocking: bool = False,
                   staging: StagingPool | None = None) -> None:
+        """Reads the bytes into ``out``: through ``staging`` to a GPU, straight into a
+        contiguous CPU ``out``, else as :meth:`Segment.read_into` does."""
         if out.device.type == "cuda" and staging is not None:
             staging.read_to_device(self._reader(start), end - start, out.device, out=out)
         elif out.device.type == "cpu" and out.is_contiguous():
@@ -193,6 +204,7 @@ class DiskSegment(Segment):
         return read
 
     def raw(self) -> torch.Tensor:
+        """A meta tensor of the segment's size: the bytes are in the file."""
         return torch.empty(self.nbytes, dtype=torch.uint8, device="meta")
 
     def advise(self, start: int, end: int) -> None:
@@ -305,10 +317,23 @@ class DiskTier(TierStore):
             atexit.register(_rmdir_quietly, self.folder)
 
     def allocate(self, nbytes: int, label: str) -> Segment:
+        """Not supported: disk segments are written whole with :meth:`put`."""
         raise NotImplementedError("disk segments are written whole with put()")
 
     def put(self, storages: list[torch.Tensor], label: str) -> tuple[DiskSegment, list[int]]:
-        from offload_dist.tensors import aligned_offsets
+        """Writes ``storages`` packed into one new safetensors file (0600, written to a
+        temporary name, then renamed into place).
+
+        Args:
+            storages: 1D ``uint8`` byte runs, on any device but meta.
+            label: names the file and the error.
+
+        Returns:
+            ``(segment, offsets)``: where each storage starts in the segment.
+
+        Raises:
+            OffloadWriteError: the write failed (disk full, permissions); no file is left.
+        """
 
         offsets, total = aligned_offsets(s.numel() for s in storages)
         header = json.dumps({"data": {"dtype": "U8", "shape": [total], "data_offsets": [0, total]}}).encode()
