@@ -21,7 +21,7 @@ from torch import nn
 
 from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore
 from offload_dist.dispatch import DeviceMapValue, Placement, normalize_device_map, placement_for
-from offload_dist.module import install_offload, is_offloaded
+from offload_dist.module import install_offload, is_offloaded, remove_module_offload
 from offload_dist.policy import OffloadPolicy, Tier, parse_tier
 from offload_dist.tensors import PlainLayout, TensorLayout, aligned_offsets
 from offload_dist.tiers.disk import DiskSegment, TensorInfo, read_file_into, read_safetensors_header
@@ -278,7 +278,6 @@ def load_checkpoint_offloaded(
             _install_module(w, placement, store, offload_folder, reads.pop(i, None), entries_by_name)
             installed.append(w.module)
     except BaseException:
-        from offload_dist.module import remove_module_offload
         for f in reads.values():
             f.cancel()
         pool.shutdown(wait=True)  # reads still running finish; their bytes are dropped with them
