@@ -278,11 +278,43 @@ class OffloadStore:
         """Moves ``tensors`` to ``tier`` (one packed segment) and returns their entries.
 
         Tensors already offloaded in the current sharing pass reuse their entry or blob.
+
+        Args:
+            tensors: name -> tensor (None: no tensor); one tensor object under two names
+                gets one entry (a tie).
+            tier: where the bytes go.
+            label: the module, for messages and file names.
+
+        Returns:
+            name -> entry (None for None), in the order of ``tensors``.
+
+        Raises:
+            OffloadError: a tensor is on the meta device (and the tier is not meta).
         """
         for name, t in tensors.items():
             if t is not None and t.device.type == "meta" and not _is_meta_ok(tier):
                 raise OffloadError(f"{label}.{name}: tensor is on the meta device, so there are no bytes to offload; "
                                    "load its weights first (load_offloaded_model does this)")
+        entries, todo, aliases = self._known(tensors)
+        flat = flatten_tensors(todo)
+        blobs = self._store_storages(flat.storages, flat.keys, tier, label)
+        for name, t in todo.items():
+            lay = flat.layouts[name]
+            if lay is None:
+                entries[name] = None
+                continue
+            entry = Entry.from_layout(lay, blobs)
+            entries[name] = entry
+            if self._shared_entries is not None:
+                self._shared_entries[id(t)] = (t, entry)
+        for name, src in aliases.items():
+            entries[name] = entries[src]  # one entry: restored as one tensor, so the tie survives
+        return {name: entries[name] for name in tensors}
+
+    def _known(self, tensors: dict[str, torch.Tensor | None]
+               ) -> tuple[dict[str, Entry | None], dict[str, torch.Tensor | None], dict[str, str]]:
+        """Splits ``tensors`` into those with an entry from this sharing pass, those to
+        offload, and ties to an earlier name of the same call (name -> that name)."""
         entries: dict[str, Entry | None] = {}
         todo: dict[str, torch.Tensor | None] = {}
         aliases: dict[str, str] = {}  # name -> earlier name of the same tensor object (ties)
@@ -297,42 +329,35 @@ class OffloadStore:
                 todo[name] = t
                 if t is not None:
                     first[id(t)] = name
-        flat = flatten_tensors(todo)
-        blobs: list[Blob | None] = [None] * len(flat.storages)
+        return entries, todo, aliases
+
+    def _store_storages(self, storages: list[torch.Tensor], keys: list, tier: TierStore, label: str) -> list[Blob]:
+        """One blob per storage: shared from this sharing pass, kept in place (already on
+        a device tier's device), or put in ``tier`` as one new segment."""
+        blobs: list[Blob | None] = [None] * len(storages)
         fresh = []
-        for i, (s, key) in enumerate(zip(flat.storages, flat.keys)):
+        for i, (s, key) in enumerate(zip(storages, keys)):
             k = (key[0], key[1], s.numel())
             if self._shared_blobs is not None and k in self._shared_blobs:
                 blobs[i] = self._shared_blobs[k]
             else:
                 fresh.append(i)
-        if fresh:
-            if isinstance(tier, DeviceTier) and all(flat.storages[i].device == tier.device for i in fresh):
-                # Already where the tier keeps it: hold the bytes, no copy.
-                for i in fresh:
-                    s = flat.storages[i]
-                    blobs[i] = Blob(DeviceSegment(s), 0, s.numel())
-            else:
-                seg, offsets = tier.put([flat.storages[i] for i in fresh], label)
-                for i, off in zip(fresh, offsets):
-                    blobs[i] = Blob(seg, off, flat.storages[i].numel())
-            if self._shared_blobs is not None:
-                for i in fresh:
-                    key = flat.keys[i]
-                    self._shared_blobs[(key[0], key[1], flat.storages[i].numel())] = blobs[i]
-                    self._pinned_originals.append(flat.storages[i])
-        for name, t in todo.items():
-            lay = flat.layouts[name]
-            if lay is None:
-                entries[name] = None
-                continue
-            entry = Entry.from_layout(lay, blobs)
-            entries[name] = entry
-            if self._shared_entries is not None:
-                self._shared_entries[id(t)] = (t, entry)
-        for name, src in aliases.items():
-            entries[name] = entries[src]  # one entry: restored as one tensor, so the tie survives
-        return {name: entries[name] for name in tensors}
+        if not fresh:
+            return blobs  # type: ignore[return-value]
+        if isinstance(tier, DeviceTier) and all(storages[i].device == tier.device for i in fresh):
+            # Already where the tier keeps it: hold the bytes, no copy.
+            for i in fresh:
+                blobs[i] = Blob(DeviceSegment(storages[i]), 0, storages[i].numel())
+        else:
+            seg, offsets = tier.put([storages[i] for i in fresh], label)
+            for i, off in zip(fresh, offsets):
+                blobs[i] = Blob(seg, off, storages[i].numel())
+        if self._shared_blobs is not None:
+            for i in fresh:
+                key = keys[i]
+                self._shared_blobs[(key[0], key[1], storages[i].numel())] = blobs[i]
+                self._pinned_originals.append(storages[i])
+        return blobs  # type: ignore[return-value]
 
 
 def distinct_blobs(entries: Iterable[Entry]) -> list[Blob]:
