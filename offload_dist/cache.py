@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from offload_dist.policy import OffloadPolicy, Tier
-from offload_dist.prefetch import OnloadState, PendingOnload, Prefetcher
+from offload_dist.prefetch import OnloadState, PendingOnload, Prefetcher, PrefetchUnit
 from offload_dist.tensors import PlainLayout, TensorLayout, copy_into, flatten_tensors, restore_tensor
 from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Segment, TierStore
 from offload_dist.tiers.staging import StagingPool
@@ -401,7 +401,7 @@ def _reindex(entry: TensorLayout, order: list[int]) -> TensorLayout:
     return replace(entry, layout=walk(entry.layout))
 
 
-class ModuleOffload:
+class ModuleOffload(PrefetchUnit):
     """Everything about one offloaded module; the unit the prefetcher drives for it.
 
     Implements :class:`~offload_dist.prefetch.PrefetchUnit`: a module is a unit of one

@@ -56,7 +56,7 @@ from offload_dist.cache import Blob, Entry
 from offload_dist.distributed import collectives
 from offload_dist.distributed.cache import DistModuleOffload
 from offload_dist.module import get_offload_state
-from offload_dist.prefetch import OnloadState, PendingOnload, Prefetcher
+from offload_dist.prefetch import OnloadState, PendingOnload, Prefetcher, PrefetchUnit
 from offload_dist.tensors import aligned_offsets
 from offload_dist.tiers.base import Segment
 
@@ -142,7 +142,7 @@ class _Works:
             w.wait()
 
 
-class TransferGroup:
+class TransferGroup(PrefetchUnit):
     """The modules of one block as one prefetch unit and one transfer per owner (see
     [Note: transfer groups]). Immutable: a block whose modules change gets a new group.
 
@@ -155,7 +155,7 @@ class TransferGroup:
 
     def __init__(self, name: str, members: tuple[DistModuleOffload, ...]):
         self.name = name
-        self.members = members
+        self._members = members
         self.store = members[0].store
         self.onload_device = members[0].onload_device
         self.rank = members[0].rank
@@ -163,6 +163,11 @@ class TransferGroup:
         self._layout: tuple[tuple[int, ...], list[tuple[int, list[tuple[DistModuleOffload, int]], int]]] | None = None
 
     # -- what the prefetcher asks of a unit ----------------------------------------------
+    @property
+    def members(self) -> tuple[DistModuleOffload, ...]:
+        """The block's offloaded modules, in ``named_modules`` order."""
+        return self._members
+
     def nbytes(self) -> int:
         """Bytes of the block's modules."""
         return sum(s.nbytes() for s in self.members)
