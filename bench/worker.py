@@ -33,7 +33,10 @@ def _sync(dev: torch.device) -> None:
 def _gather(obj, world: int):
     if world == 1:
         return [obj]
-    from offload_dist.distributed.collectives import all_gather_json
+    try:
+        from offload_dist.distributed.collectives import all_gather_json
+    except ImportError:  # a '(before)' row's package predates offload_dist/distributed/
+        from offload_dist.dist.collectives import all_gather_json
 
     return all_gather_json(obj, tag="bench:result")
 

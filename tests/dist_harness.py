@@ -29,6 +29,10 @@ Gloo still opens its own ephemeral ports, so on a loaded machine a rendezvous ca
 with a socket error; ``run_ranks`` then retries the whole run on a fresh port and store
 (``rendezvous_retries``), and only for errors raised inside ``init_process_group``.
 
+Time limits scale with ``OFFLOAD_DIST_TEST_TIME_SCALE`` (default 2: generous on a loaded
+2-core machine; ``scaled()``), for ``run_ranks`` and, through ``conftest.py``, for every
+test's pytest-timeout limit.
+
 Child environment: variables of any outer launcher (``RANK``..., ``SLURM_*``,
 ``TORCHELASTIC_*``, ``OFFLOAD_DIST_*``) are removed first, so tests behave the same on
 a Slurm CI node. Then the ``launcher`` preset is applied, then ``env``, then
@@ -53,6 +57,30 @@ from typing import Any
 _OUTER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OFFLOAD_DIST_", "DIST_HARNESS_")
 _OUTER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+TIME_SCALE_VAR = "OFFLOAD_DIST_TEST_TIME_SCALE"
+
+
+def time_scale() -> float:
+    """The factor every test time limit is multiplied by (``OFFLOAD_DIST_TEST_TIME_SCALE``, default 2).
+
+    Raises:
+        ValueError: The variable is not a positive finite number.
+    """
+    raw = os.environ.get(TIME_SCALE_VAR, "2")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise ValueError(f"{TIME_SCALE_VAR}={raw!r}: expected a positive number such as 1, 2 or 4")
+    return value
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` times :func:`time_scale`: a test's time limit on this machine."""
+    return seconds * time_scale()
 
 
 class RankFailedError(RuntimeError):
@@ -132,7 +160,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, tmp_path: Path | str, *,
               args: Sequence[Any] = (), timeout: float = 60, env: Mapping[str, str | None] | None = None,
               env_per_rank: Sequence[Mapping[str, str | None]] | None = None, backend: str = "gloo",
               device: str | None = "auto", launcher: str = "torchrun",
-              raise_on_error: bool = True, rendezvous_retries: int = 2) -> list[Any]:
+              raise_on_error: bool = True, rendezvous_retries: int = 2, scale: bool = True) -> list[Any]:
     """Runs ``fn(rank, *args)`` on ``world_size`` spawned processes; returns results by rank.
 
     Args:
@@ -140,7 +168,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, tmp_path: Path | str, *,
         world_size: Number of ranks.
         tmp_path: Directory for the FileStore (pytest's ``tmp_path``).
         args: Extra picklable arguments for ``fn``.
-        timeout: Seconds for one attempt, process start-up included.
+        timeout: Seconds for one attempt, process start-up included (times :func:`time_scale`
+            unless ``scale`` is False).
         env: Variables for every rank (None removes one).
         env_per_rank: One mapping per rank, applied last (e.g. node ids).
         backend: Exported as ``OFFLOAD_DIST_BACKEND`` (read by ``init_dist``) and
@@ -157,6 +186,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, tmp_path: Path | str, *,
             the connection during gloo's full-mesh connect): infrastructure flakes seen
             on loaded CI machines, which torch's own tests retry the same way. Any other
             failure is reported at once.
+        scale: Multiply ``timeout`` by :func:`time_scale` (False for a test of the limit itself).
 
     Returns:
         ``fn``'s return values, in rank order.
@@ -168,6 +198,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, tmp_path: Path | str, *,
     """
     if env_per_rank is not None and len(env_per_rank) != world_size:
         raise ValueError(f"env_per_rank has {len(env_per_rank)} entries for world_size={world_size}")
+    if scale:
+        timeout = scaled(timeout)
     if device == "auto":
         device = "cpu" if backend == "gloo" else None
     base_env: dict[str, str | None] = {

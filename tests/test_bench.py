@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dist_harness import scaled
+
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 ROWS = ("offload_dist 1 proc cpu, prefetch default", "offload_dist 2 ranks cpu, prefetch default")
 
@@ -15,7 +18,7 @@ ROWS = ("offload_dist 1 proc cpu, prefetch default", "offload_dist 2 ranks cpu, 
 def test_bench_quick_mode_runs_and_writes_its_table(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH.parent.parent), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path), "--only", ";".join(ROWS)],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, timeout=scaled(600), env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["configs"]) == set(ROWS)

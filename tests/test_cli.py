@@ -16,6 +16,8 @@ from offload_dist.cli import main, parse_size
 from offload_dist.distributed.plan import format_bytes
 
 from models import LAYERS, tiny_moe, tiny_tied
+from dist_harness import scaled
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,7 +162,7 @@ def test_plan_bad_arguments(tied_ckpt, tmp_path, capsys):
 def test_plan_as_a_command(tied_ckpt):
     res = subprocess.run([sys.executable, "-m", "offload_dist.cli", "plan", str(tied_ckpt), "--nproc", "2",
                           "--tier", "cpu", "--host-mem", "8KiB"],
-                         env=clean_env(), capture_output=True, text=True, timeout=120)
+                         env=clean_env(), capture_output=True, text=True, timeout=scaled(120))
     assert res.returncode == 1, res.stdout + res.stderr
     assert "shortfall: first unit without room:" in res.stdout
 
@@ -172,7 +174,7 @@ _VERDICT = re.compile(r"^  (ok|warn|fail) +(\S.*?)  ")
 
 def run_env(**extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "offload_dist.cli", "env"], env=clean_env(**extra),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=scaled(120))
 
 
 def test_env_prints_a_verdict_per_check():
@@ -232,7 +234,7 @@ def test_env_gpu_links_from_nvidia_smi_topo(monkeypatch, topo, gpus, verdict, va
 
 
 def test_torchrun_sh_usage():
-    res = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh")], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh")], capture_output=True, text=True, timeout=scaled(30))
     assert res.returncode == 2 and "usage:" in res.stderr
 
 
@@ -243,7 +245,7 @@ def test_torchrun_sh_runs_the_quantize_example_on_2_cpu_ranks(tied_ckpt, tmp_pat
         ["bash", str(ROOT / "launch/torchrun.sh"), str(ROOT / "examples/quantize.py"), "--model", str(tied_ckpt),
          "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--batches", "1", "--seq", "8"],
         env=clean_env(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=170, cwd=tmp_path)
+        capture_output=True, text=True, timeout=scaled(170), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "saved 2 shard(s)" in res.stdout  # one shard per rank: 2 ranks ran
     from safetensors.torch import load_file

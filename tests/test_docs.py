@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_harness import scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 DOC_FILES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
@@ -32,7 +34,7 @@ PYTHON_LANGS = {"python", "py", "python3"}
 FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+.-]*)")
 MARKER = re.compile(r"^\s*<!--\s*(not-run|run)\s*:(.*?)-->\s*$")
 TORCHRUN = re.compile(r"^torchrun\s+--nproc_per_node=(\d+)$")
-SNIPPET_TIMEOUT_S = 240
+SNIPPET_TIMEOUT_S = 240  # times OFFLOAD_DIST_TEST_TIME_SCALE (see dist_harness.scaled)
 
 # Launcher state of an outer job must not leak into the snippets.
 _OUTER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OFFLOAD_DIST_", "DIST_HARNESS_", "PMI_", "OMPI_")
@@ -159,9 +161,9 @@ def test_block_runs(block: Block, tmp_path: Path):
         cmd = [sys.executable, str(script)]
     try:
         res = subprocess.run(cmd, cwd=tmp_path, env=_snippet_env(), capture_output=True, text=True,
-                             timeout=SNIPPET_TIMEOUT_S)
+                             timeout=scaled(SNIPPET_TIMEOUT_S))
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{block.id}: did not finish in {SNIPPET_TIMEOUT_S} s\n{(e.stdout or '')[-3000:]}"
+        pytest.fail(f"{block.id}: did not finish in {scaled(SNIPPET_TIMEOUT_S):g} s\n{(e.stdout or '')[-3000:]}"
                     f"\n{(e.stderr or '')[-3000:]}")
     assert res.returncode == 0, (f"{block.id} failed (exit {res.returncode}):\n--- code\n{block.code}"
                                  f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}")

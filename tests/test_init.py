@@ -412,7 +412,7 @@ def _live_rank_processes() -> list[int]:
 
 def test_harness_timeout_kills_every_rank(tmp_path):
     with pytest.raises(RankTimeoutError, match="rank 1 did not finish within 10 s"):
-        run_ranks(_hang_on_rank_one, 2, tmp_path, args=(str(tmp_path),), timeout=10)
+        run_ranks(_hang_on_rank_one, 2, tmp_path, args=(str(tmp_path),), timeout=10, scale=False)
     assert _live_rank_processes() == []
     pid_file = tmp_path / "1.pid"  # absent if rank 1 never got that far on a loaded machine
     if pid_file.exists():

@@ -16,8 +16,10 @@ from torch import nn
 
 import offload_dist
 from offload_dist.distributed.plan import (Assignment, NodeSpec, Plan, PlanError, PlanPolicy, RankSpec,
-                                    Topology, Unit, format_bytes, make_plan, units_from_module)
+                                           Topology, Unit, format_bytes, make_plan, units_from_module)
 from offload_dist.policy import Tier
+from dist_harness import scaled
+
 
 GiB = 2**30
 MiB = 2**20
@@ -285,7 +287,7 @@ def test_deterministic_in_process_and_across_hash_seeds():
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                       text=True))
     for proc in procs:
-        out, err = proc.communicate(spec, timeout=120)
+        out, err = proc.communicate(spec, timeout=scaled(120))
         assert proc.returncode == 0, err
         assert out.strip() == first.digest(), err
 

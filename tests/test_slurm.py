@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from dist_harness import scaled
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "slurm" / "run_slurm_test.sh"
@@ -66,10 +68,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def test_sbatch_script_usage():
     """Without Slurm: no script is a usage error, an unknown LAUNCH mode is refused."""
-    res = subprocess.run(["bash", str(SBATCH)], env=_clean_env(), capture_output=True, text=True, timeout=30)
+    res = subprocess.run(["bash", str(SBATCH)], env=_clean_env(), capture_output=True, text=True, timeout=scaled(30))
     assert res.returncode == 2 and "usage:" in res.stderr
     res = subprocess.run(["bash", str(SBATCH), "x.py"], env=_clean_env(LAUNCH="mpirun"), capture_output=True,
-                         text=True, timeout=30)
+                         text=True, timeout=scaled(30))
     assert res.returncode == 2 and "LAUNCH=mpirun is not one of: srun, torchrun" in res.stderr
 
 
@@ -84,7 +86,7 @@ def test_slurm_sbatch_quantize_equals_single_process():
             pytest.skip(f"{why}; run it with {ENV_SWITCH}=1 or: sudo bash tests/slurm/run_slurm_test.sh")
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     res = subprocess.run(["bash", str(SCRIPT)], env=_clean_env(PYTHON=sys.executable, PYTHONPATH=pythonpath),
-                         capture_output=True, text=True, timeout=850)
+                         capture_output=True, text=True, timeout=scaled(850))
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     for mode in ("srun", "torchrun"):

@@ -8,6 +8,8 @@ offloaded, and remove_module_offload must give back the same kind of tensor.
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +211,10 @@ def _scaled_int8_mlp(nested: bool) -> nn.Sequential:
 
 
 def _torchao():
+    # launch/dev.sh installs torchao into <venv>/extras, outside the environment our commands import
+    extras = Path(sys.prefix) / "extras"
+    if extras.is_dir() and str(extras) not in sys.path:
+        sys.path.append(str(extras))
     quantization = pytest.importorskip("torchao.quantization")
     return quantization.quantize_, quantization.Int8WeightOnlyConfig
 
