@@ -42,7 +42,7 @@ from offload_dist.cache import Blob, Entry, ModuleOffload, OffloadStore, distinc
 from offload_dist.distributed import collectives
 from offload_dist.log import get_logger
 from offload_dist.policy import Tier
-from offload_dist.prefetch import OnloadState, PendingOnload
+from offload_dist.prefetch import OnloadState, PendingOnload, Prefetcher
 from offload_dist.tensors import aligned_offsets, restore_tensor
 from offload_dist.tiers.base import Segment, TierStore
 
@@ -155,7 +155,7 @@ class DistModuleOffload(ModuleOffload):
             if e not in out:
                 out[e] = restore_tensor(e.layout, [blob_cache[b] for b in e.blobs])
 
-    def start_onload(self, prefetcher):
+    def start_onload(self, prefetcher: Prefetcher | None) -> PendingOnload:
         """Starts the broadcast of this module from its owner (see [Note: stream ordering])."""
         pending = PendingOnload(self)
         blobs, offsets, total = self.wire_layout()
