@@ -51,7 +51,7 @@ from offload_dist.tiers import CpuTier, DeviceSegment, DeviceTier, DiskTier, Seg
 from offload_dist.tiers.staging import StagingPool
 
 __all__ = ["Blob", "Entry", "OffloadStore", "ModuleOffload", "OffloadCache", "KeepScope", "OnloadOffScope",
-           "OffloadError", "distinct_blobs", "keep_scope", "keep_scopes", "onload_off_scope", "onload_off_scopes"]
+           "OffloadError", "distinct_blobs", "keep_scope", "keep_scopes", "onload_off_scope"]
 
 
 class OffloadError(RuntimeError):
@@ -137,11 +137,6 @@ _RAW: contextvars.ContextVar[tuple[OnloadOffScope, ...]] = contextvars.ContextVa
 def keep_scopes() -> tuple[KeepScope, ...]:
     """The ``disable_offloading`` scopes this thread is in, outermost first."""
     return _KEEP.get()
-
-
-def onload_off_scopes() -> tuple[OnloadOffScope, ...]:
-    """The ``disable_onloading`` scopes this thread is in, outermost first."""
-    return _RAW.get()
 
 
 @contextlib.contextmanager

@@ -281,7 +281,7 @@ class SubtreeOnload:
     def __init__(self, name: str, *, as_one_transfer: bool):
         self.name = name
         self.as_one_transfer = as_one_transfer
-        self._entered: list[tuple[DistModuleOffload, ...] | list[DistModuleOffload]] = []  # one per running forward
+        self._entered: list[list[DistModuleOffload]] = []  # what each running forward entered
         self.handles: tuple = ()
 
     @staticmethod
